@@ -1,0 +1,3 @@
+from fluxtrain.cli import main
+
+raise SystemExit(main())
