@@ -1,0 +1,174 @@
+"""`fluxtrain <command>`: the command line of DESIGN.md. Errors are one line on stderr with exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _die(msg: str) -> int:
+    print(f"fluxtrain: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def cmd_train(argv: list[str]) -> int:
+    from fluxtrain import config as C
+
+    cfg_path, rest, nproc = None, [], 0
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--config" or a.startswith("--config="):
+            cfg_path, i = (a.split("=", 1)[1], i + 1) if "=" in a else (argv[i + 1] if i + 1 < len(argv) else None, i + 2)
+        elif a in ("--nproc-per-node", "--nproc_per_node") or a.startswith(("--nproc-per-node=", "--nproc_per_node=")):
+            val, i = (a.split("=", 1)[1], i + 1) if "=" in a else (argv[i + 1], i + 2)
+            nproc = int(val)
+        else:
+            rest.append(a)
+            i += 1
+    cfg = C.load(cfg_path, _accelerate_overrides() + rest)
+    nproc = nproc or cfg.parallel.nproc_per_node
+    if nproc > 1 and "RANK" not in os.environ:
+        return _spawn_torchrun(nproc, argv)
+    from fluxtrain.train import train
+
+    out = train(cfg)
+    return 0 if out is not None else 1
+
+
+def _accelerate_overrides() -> list[str]:
+    """`accelerate launch` exports its config as environment variables; honour the ones we have keys for."""
+    from fluxtrain.launch import accelerate_overrides
+
+    return accelerate_overrides(os.environ)
+
+
+def _spawn_torchrun(nproc: int, argv: list[str]) -> int:
+    import subprocess
+
+    args = [a for a in argv]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "fluxtrain", "train", *_strip_nproc(args)]
+    return subprocess.call(cmd)
+
+
+def _strip_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in ("--nproc-per-node", "--nproc_per_node"):
+            skip = True
+            continue
+        if a.startswith(("--nproc-per-node=", "--nproc_per_node=", "--parallel.nproc_per_node")):
+            continue
+        out.append(a)
+    return out
+
+
+def cmd_data(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="fluxtrain data")
+    sub = ap.add_subparsers(dest="what", required=True)
+    s = sub.add_parser("synth", help="render the synthetic compositional-shapes set into WebDataset shards")
+    s.add_argument("--out", required=True)
+    s.add_argument("--num", type=int, required=True)
+    s.add_argument("--size", type=int, default=64)
+    s.add_argument("--complex-frac", type=float, default=0.0)
+    s.add_argument("--noise-frac", type=float, default=0.0)
+    s.add_argument("--prompts", default=None)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--per-shard", type=int, default=1000)
+    c = sub.add_parser("clean", help="drop label noise and broken samples, write clean shards and a report")
+    c.add_argument("--in", dest="inp", required=True)
+    c.add_argument("--out", required=True)
+    a = ap.parse_args(argv)
+    if a.what == "synth":
+        from fluxtrain.data.synthetic import write_shards
+
+        files = write_shards(a.out, a.num, size=a.size, complex_frac=a.complex_frac, noise_frac=a.noise_frac,
+                             seed=a.seed, prompts_file=a.prompts, per_shard=a.per_shard)
+        print(f"wrote {a.num} samples in {len(files)} shards to {a.out}")
+        return 0
+    from fluxtrain.data.clean import main as clean_main
+
+    return clean_main(a.inp, a.out)
+
+
+def cmd_sample(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="fluxtrain sample")
+    ap.add_argument("--model", required=True, help="a diffusers FLUX folder, or a run's checkpoints/step-N folder")
+    ap.add_argument("--prompt", action="append", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--resolution", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--guidance", type=float, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    from fluxtrain.sample import sample_to_dir
+
+    paths = sample_to_dir(a.model, a.prompt, a.out, resolution=a.resolution, steps=a.steps, guidance=a.guidance,
+                          seed=a.seed)
+    print(f"wrote {len(paths)} images and grid.png to {a.out}")
+    return 0
+
+
+def cmd_doctor(argv: list[str]) -> int:
+    from fluxtrain.doctor import main
+
+    return main(argv)
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "data": cmd_data,
+    "sample": cmd_sample,
+    "doctor": cmd_doctor,
+}
+
+
+def _lazy(module: str, func: str = "main"):
+    def run(argv):
+        import importlib
+
+        return getattr(importlib.import_module(module), func)(argv)
+
+    return run
+
+
+COMMANDS.update({
+    "eval": _lazy("fluxtrain.eval.evaluate"),
+    "export": _lazy("fluxtrain.export"),
+    "cache": _lazy("fluxtrain.data.cache"),
+    "plan": _lazy("fluxtrain.plan"),
+    "report": _lazy("fluxtrain.report"),
+})
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: fluxtrain {" + ",".join(COMMANDS) + "} ...\n\n" + __doc__.strip())
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in COMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(cmd, COMMANDS, n=1)
+        return _die(f"unknown command '{cmd}'" + (f" (did you mean '{close[0]}'?)" if close else "")
+                    + f"; commands: {', '.join(COMMANDS)}")
+    from fluxtrain.config import ConfigError
+
+    try:
+        return int(COMMANDS[cmd](rest) or 0)
+    except ConfigError as err:
+        return _die(str(err))
+    except ModuleNotFoundError as err:
+        if err.name and err.name.startswith("fluxtrain."):
+            return _die(f"'fluxtrain {cmd}' is not available in this version ({err.name} missing)")
+        raise
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,361 @@
+"""Typed run configuration: dataclasses with sections, TOML files, `--section.key value` overrides.
+
+Parsing and type checking are pydantic's (dataclasses validated in strict-ish lax mode); this module only
+turns a TOML file plus command-line overrides into one nested dict, and pydantic's errors into one line each.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import sys
+from dataclasses import asdict, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+import tomli_w
+from pydantic import ConfigDict
+from pydantic.dataclasses import dataclass
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+_STRICT = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ConfigError(ValueError):
+    """A configuration problem, told in one line with what to do about it."""
+
+
+@dataclass(config=_STRICT)
+class ModelConfig:
+    preset: Literal["tiny", "flux-dev", "flux-schnell"] = "tiny"
+    # A diffusers-layout FLUX folder (transformer/, vae/, text_encoder*/, tokenizer*/) or a BFL single file.
+    pretrained: str | None = None
+    # Where the frozen encoders and VAE come from when `pretrained` is a BFL single file.
+    encoders: str | None = None
+    # Load the transformer's weights from `pretrained` (false: random init of the preset, encoders still loaded).
+    load_transformer: bool = True
+    guidance: float = 1.0
+    max_text_tokens: int = 512
+    attention_backend: Literal["auto", "flash", "efficient", "cudnn", "math"] = "auto"
+
+
+@dataclass(config=_STRICT)
+class DataConfig:
+    source: Literal["synthetic", "webdataset", "cache"] = "synthetic"
+    path: str | None = None
+    resolution: int = 64
+    complex_frac: float = 0.0
+    num_workers: int = 0
+    shuffle_buffer: int = 1000
+    caption_dropout: float = 0.0
+    caption_dropout_clip: float | None = None
+    max_skip_frac: float = 0.5
+    buckets: list[list[int]] = field(default_factory=list)
+    seed: int = 0
+
+
+@dataclass(config=_STRICT)
+class TrainConfig:
+    output_dir: str = "runs/demo"
+    steps: int = 100
+    batch_size: int = 8
+    grad_accum: int = 1
+    seed: int = 0
+    timestep_sampling: Literal["uniform", "logit_normal", "mode"] = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    shift: bool = True
+    loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"
+    max_nonfinite_steps: int = 10
+    itc_weight: float = 0.0
+    compile: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    inject_nan_at_step: int | None = None  # test hook: makes one rank's loss NaN at this step
+    inject_nan_rank: int = 0
+
+
+@dataclass(config=_STRICT)
+class OptimConfig:
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    warmup_steps: int = 0
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    min_lr_ratio: float = 0.0
+    fused: bool = True
+
+
+@dataclass(config=_STRICT)
+class ParallelConfig:
+    strategy: Literal["FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD"] = "FULL_SHARD"
+    mixed_precision: Literal["bf16", "fp32"] = "bf16"
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    # selective AC: checkpoint every k-th block (k=1 is full) or, with ac_ops, save matmuls and recompute the rest.
+    ac_every: int = 2
+    ac_ops: bool = False
+    cpu_offload: bool = False
+    # HYBRID_SHARD: ranks per shard group (default 0 = GPUs per node, LOCAL_WORLD_SIZE).
+    shard_size: int = 0
+    forward_prefetch: int = 1
+    backward_prefetch: int = 1
+    reshard_last_block: bool = False
+    nccl_timeout_s: int = 600
+    nproc_per_node: int = 0  # >0: `fluxtrain train` spawns torchrun with this many processes
+
+
+@dataclass(config=_STRICT)
+class CheckpointConfig:
+    interval: int = 200
+    resume: str = "auto"  # auto | never | PATH
+    keep: int = 3
+    keep_every: int = 0
+    async_save: bool = True
+    export_dtype: Literal["bf16", "fp32"] = "bf16"
+
+
+@dataclass(config=_STRICT)
+class EvalConfig:
+    interval: int = 0
+    num_inference_steps: int = 20
+    guidance_scale: float = 3.5
+    prompts: list[str] = field(
+        default_factory=lambda: [
+            "a red circle",
+            "two blue squares",
+            "a yellow triangle and a green circle",
+            "a white square above a black circle",
+        ]
+    )
+    adherence_prompts: int = 0
+    seed: int = 1234
+
+
+@dataclass(config=_STRICT)
+class LogConfig:
+    interval: int = 1
+    trackers: list[Literal["tensorboard", "wandb", "jsonl"]] = field(default_factory=lambda: ["tensorboard"])
+    progress: Literal["auto", "bar", "plain", "none"] = "auto"
+    profile_steps: list[int] = field(default_factory=list)
+    profile_ranks: Literal["all", "rank0"] = "rank0"
+    wandb_project: str = "fluxtrain"
+
+
+@dataclass(config=_STRICT)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "optim": OptimConfig,
+            "parallel": ParallelConfig, "checkpoint": CheckpointConfig, "eval": EvalConfig, "log": LogConfig}
+
+# The guide's train_flux1dev.py flags, mapped onto our keys. A flag with value None takes no argument.
+ALIASES: dict[str, tuple[str, Any]] = {
+    "--use_fsdp": ("parallel.strategy", "FULL_SHARD"),
+    "--mixed_precision": ("parallel.mixed_precision", None),
+    "--gradient_accumulation_steps": ("train.grad_accum", None),
+    "--gradient_checkpointing": ("parallel.activation_checkpointing", "full"),
+    "--output_dir": ("train.output_dir", None),
+    "--train_batch_size": ("train.batch_size", None),
+    "--max_train_steps": ("train.steps", None),
+    "--learning_rate": ("optim.lr", None),
+    "--seed": ("train.seed", None),
+    "--pretrained_model_name_or_path": ("model.pretrained", None),
+}
+
+
+def _keys_of(name: str) -> list[str]:
+    return [f.name for f in fields(SECTIONS[name])]
+
+
+def _suggest(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _check_keys(raw: dict[str, Any], origin: str) -> None:
+    for sec, body in raw.items():
+        if sec not in SECTIONS:
+            raise ConfigError(f"{origin}: unknown section '{sec}'{_suggest(sec, list(SECTIONS))}; sections are {', '.join(SECTIONS)}")
+        if not isinstance(body, dict):
+            raise ConfigError(f"{origin}: '{sec}' must be a table of keys, got {body!r}")
+        for key in body:
+            if key not in _keys_of(sec):
+                raise ConfigError(f"{origin}: unknown key '{sec}.{key}'{_suggest(key, _keys_of(sec))}")
+
+
+def _parse_value(text: str) -> Any:
+    """Command-line values: TOML/JSON literals (numbers, booleans, lists) where they parse, else the string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        pass
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def parse_overrides(argv: list[str]) -> dict[str, dict[str, Any]]:
+    """`--section.key value`, `--section.key=value` and the guide's aliases, as a nested dict."""
+    out: dict[str, dict[str, Any]] = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument '{arg}': overrides look like --section.key value")
+        name, eq, inline = arg.partition("=")
+        if name in ALIASES:
+            dotted, fixed = ALIASES[name]
+            if fixed is not None:
+                value, i = (inline if eq else fixed), i + 1
+            elif eq:
+                value, i = inline, i + 1
+            elif i + 1 < len(argv):
+                value, i = argv[i + 1], i + 2
+            else:
+                raise ConfigError(f"{name} needs a value")
+        else:
+            dotted = name[2:]
+            if "." not in dotted:
+                known = [a for a in ALIASES] + [f"--{s}.KEY" for s in SECTIONS]
+                raise ConfigError(f"unknown option '{name}'{_suggest(name, known)}: overrides look like --section.key value")
+            if eq:
+                value, i = inline, i + 1
+            elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                value, i = argv[i + 1], i + 2
+            else:
+                value, i = "true", i + 1  # a bare flag sets a boolean
+        sec, _, key = dotted.partition(".")
+        out.setdefault(sec, {})[key] = _parse_value(value) if isinstance(value, str) else value
+    return out
+
+
+def _merge(base: dict, over: dict) -> dict:
+    merged = {k: dict(v) for k, v in base.items()}
+    for sec, body in over.items():
+        merged.setdefault(sec, {}).update(body)
+    return merged
+
+
+def _one_line(err: pydantic.ValidationError) -> str:
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in e["loc"] if not isinstance(p, int) or len(e["loc"]) > 2)
+    msg = e["msg"]
+    if e.get("type") == "literal_error":
+        msg = f"must be one of {e['ctx']['expected']}"
+    return f"{loc}: {msg} (got {e.get('input')!r})"
+
+
+def from_dict(raw: dict[str, Any], origin: str = "config") -> Config:
+    _check_keys(raw, origin)
+    try:
+        cfg = pydantic.TypeAdapter(Config).validate_python(raw)
+    except pydantic.ValidationError as err:
+        raise ConfigError(f"{origin}: {_one_line(err)}") from None
+    validate(cfg)
+    return cfg
+
+
+def load(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Config:
+    """Read a TOML file (or the defaults), apply overrides, validate. Raises ConfigError (one line)."""
+    raw: dict[str, Any] = {}
+    origin = "command line"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{path}' not found: pass --config with a TOML file such as configs/tiny.toml")
+        try:
+            raw = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{path}: not valid TOML ({err})") from None
+        origin = str(path)
+        _check_keys(raw, origin)
+    over = parse_overrides(overrides or [])
+    _check_keys(over, "command line")
+    return from_dict(_merge(raw, over), origin)
+
+
+def validate(cfg: Config) -> None:
+    """Combinations that can't work, refused before any process group starts."""
+    t, p, d = cfg.train, cfg.parallel, cfg.data
+    positive = {"train.steps": t.steps, "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum,
+                "data.resolution": d.resolution, "checkpoint.interval": cfg.checkpoint.interval,
+                "log.interval": cfg.log.interval, "parallel.ac_every": p.ac_every}
+    for k, v in positive.items():
+        if v < 1:
+            raise ConfigError(f"{k} must be ≥ 1 (got {v})")
+    if d.resolution % 16:
+        raise ConfigError(f"data.resolution must be a multiple of 16 (VAE ×8 and 2×2 packing), got {d.resolution}")
+    for name, v in (("data.complex_frac", d.complex_frac), ("data.caption_dropout", d.caption_dropout),
+                    ("data.max_skip_frac", d.max_skip_frac)):
+        if not 0.0 <= v <= 1.0:
+            raise ConfigError(f"{name} must be in [0, 1] (got {v})")
+    if d.source in ("webdataset", "cache") and not d.path:
+        raise ConfigError(f"data.source = {d.source} needs data.path (a shard glob, brace pattern or URL list)")
+    if p.cpu_offload and p.strategy == "NO_SHARD":
+        raise ConfigError("parallel.cpu_offload needs a sharded strategy: use FULL_SHARD or SHARD_GRAD_OP with offload")
+    if p.shard_size and p.strategy != "HYBRID_SHARD":
+        raise ConfigError("parallel.shard_size only applies to HYBRID_SHARD: remove it or set parallel.strategy = HYBRID_SHARD")
+    if p.shard_size < 0:
+        raise ConfigError(f"parallel.shard_size must be ≥ 0 (got {p.shard_size})")
+    if cfg.model.pretrained and not Path(cfg.model.pretrained).exists() and "://" not in cfg.model.pretrained:
+        raise ConfigError(f"model.pretrained '{cfg.model.pretrained}' does not exist: give a diffusers folder or a .safetensors file")
+    if t.inject_nan_at_step is not None and t.inject_nan_at_step < 1:
+        raise ConfigError("train.inject_nan_at_step must be ≥ 1")
+
+
+def validate_world(cfg: Config, world_size: int, local_world_size: int) -> None:
+    """Checks that need the launch geometry (still before the process group)."""
+    p = cfg.parallel
+    if p.strategy == "HYBRID_SHARD":
+        shard = p.shard_size or local_world_size
+        if world_size % shard:
+            raise ConfigError(f"HYBRID_SHARD shard size {shard} does not divide the world size {world_size}: "
+                              f"set parallel.shard_size to a divisor of {world_size}")
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    def clean(x):
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items() if v is not None}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+
+    return clean(asdict(cfg))
+
+
+def dumps(cfg: Config) -> str:
+    return tomli_w.dumps(to_dict(cfg))
+
+
+def save(cfg: Config, path: str | os.PathLike) -> None:
+    Path(path).write_text(dumps(cfg))
+
+
+def config_hash(cfg: Config) -> str:
+    import hashlib
+
+    return hashlib.sha256(dumps(cfg).encode()).hexdigest()[:16]
+

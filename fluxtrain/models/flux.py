@@ -1,0 +1,128 @@
+"""Build, load and save the FLUX transformer (diffusers' FluxTransformer2DModel, used as it is)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from diffusers import FluxTransformer2DModel
+from safetensors import safe_open
+
+from fluxtrain.models import bfl
+from fluxtrain.models.presets import transformer_kwargs
+
+
+class WeightsError(ValueError):
+    """A weights file or folder that does not fit the model, told in one line."""
+
+
+def build_transformer(preset_or_kwargs: str | dict, device: str | torch.device = "meta") -> FluxTransformer2DModel:
+    """The transformer of a preset; on the meta device no memory is taken until `to_empty` + init or load."""
+    kwargs = transformer_kwargs(preset_or_kwargs) if isinstance(preset_or_kwargs, str) else dict(preset_or_kwargs)
+    with torch.device(device):
+        return FluxTransformer2DModel(**kwargs)
+
+
+def pretrained_kwargs(pretrained: str | Path) -> dict | None:
+    """The transformer's config from a diffusers folder, or None for a BFL single file."""
+    cfg_file = Path(pretrained) / "transformer" / "config.json"
+    if not cfg_file.is_file():
+        return None
+    raw = json.loads(cfg_file.read_text())
+    keys = FluxTransformer2DModel.__init__.__code__.co_varnames
+    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in raw.items() if k in keys and not k.startswith("_")}
+
+
+def _safetensors_files(pretrained: Path) -> list[Path]:
+    if pretrained.is_file():
+        return [pretrained]
+    folder = pretrained / "transformer"
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise WeightsError(f"no *.safetensors in {folder}: is '{pretrained}' a diffusers-layout FLUX folder?")
+    return files
+
+
+def iter_pretrained_state(pretrained: str | Path, inner_dim: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """(diffusers key, CPU tensor) pairs, one tensor in memory at a time for the diffusers layout.
+
+    BFL files fuse q/k/v, so they are converted as a whole (memory-mapped, so untouched tensors stay on disk).
+    """
+    files = _safetensors_files(Path(pretrained))
+    with safe_open(str(files[0]), framework="pt") as f:
+        first_keys = list(f.keys())
+    if bfl.is_bfl(first_keys):
+        sd = {}
+        for path in files:
+            with safe_open(str(path), framework="pt") as f:
+                sd.update({k: f.get_tensor(k) for k in f.keys()})
+        yield from bfl.bfl_to_diffusers(sd, inner_dim).items()
+        return
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for k in f.keys():
+                yield k, f.get_tensor(k)
+
+
+def load_state_into(model: torch.nn.Module, items: Iterator[tuple[str, torch.Tensor]]) -> None:
+    """Copy full tensors into the model's (possibly sharded, DTensor) parameters; each rank keeps only its shard.
+
+    Shapes and names are checked: the first mismatch is named in the error.
+    """
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    own = dict(model.state_dict())
+    seen = set()
+    for key, full in items:
+        if key not in own:
+            raise WeightsError(f"unexpected weight '{key}' (model has no such parameter): wrong preset or file?")
+        dst = own[key]
+        if tuple(full.shape) != tuple(dst.shape):
+            raise WeightsError(f"shape mismatch at '{key}': file {tuple(full.shape)} vs model {tuple(dst.shape)}: wrong preset?")
+        with torch.no_grad():
+            if isinstance(dst, DTensor):
+                local = distribute_tensor(full.to(dst.dtype), dst.device_mesh, dst.placements, src_data_rank=None)
+                dst.to_local().copy_(local.to_local())
+            else:
+                dst.copy_(full.to(dst.dtype))
+        seen.add(key)
+    missing = sorted(set(own) - seen)
+    if missing:
+        raise WeightsError(f"missing weight '{missing[0]}' (and {len(missing) - 1} more) in the pretrained file")
+
+
+def random_init_state(kw: dict, seed: int, device="cpu") -> Iterator[tuple[str, torch.Tensor]]:
+    """Full initial tensors one at a time, each from its own generator (seed, name): the same weights whatever
+    the sharding or world size, since every rank slices the same full tensor. Linear layers as torch initialises
+    them (U(±1/√fan_in)), norm scales one, biases zero."""
+    import zlib
+
+    ref = build_transformer(kw, device="meta")
+    for mname, mod in ref.named_modules():
+        for pname, p in mod.named_parameters(recurse=False):
+            key = f"{mname}.{pname}" if mname else pname
+            g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
+            if isinstance(mod, torch.nn.Linear):
+                bound = 1.0 / math.sqrt(mod.in_features)
+                t = (torch.rand(p.shape, generator=g, device=device) * 2 - 1) * bound
+            else:
+                t = torch.ones(p.shape, device=device) if pname == "weight" else torch.zeros(p.shape, device=device)
+            yield key, t
+
+
+def init_weights(model: torch.nn.Module, kw: dict, seed: int = 0, device="cpu") -> None:
+    load_state_into(model, random_init_state(kw, seed, device))
+
+
+def save_diffusers(state: dict[str, torch.Tensor], config: dict, out_dir: str | Path) -> None:
+    """Write `transformer/` as diffusers does (config.json + safetensors) from a full state dict."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = {"_class_name": "FluxTransformer2DModel", **{k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}}
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out / "diffusion_pytorch_model.safetensors"))

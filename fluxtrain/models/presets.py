@@ -1,0 +1,44 @@
+"""Model shapes: the transformer's constructor arguments per preset (diffusers' FluxTransformer2DModel signature)."""
+
+from __future__ import annotations
+
+FLUX_DEV = dict(
+    patch_size=1,
+    in_channels=64,
+    num_layers=19,
+    num_single_layers=38,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    pooled_projection_dim=768,
+    guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)
+
+PRESETS: dict[str, dict] = {
+    "flux-dev": FLUX_DEV,
+    # schnell is the same network without the guidance embedding (timestep-distilled).
+    "flux-schnell": {**FLUX_DEV, "guidance_embeds": False},
+    # The embedded default: 16 latent channels like FLUX's VAE, width 128, 2 double + 4 single blocks.
+    "tiny": dict(
+        patch_size=1,
+        in_channels=64,
+        num_layers=2,
+        num_single_layers=4,
+        attention_head_dim=32,
+        num_attention_heads=4,
+        joint_attention_dim=64,
+        pooled_projection_dim=64,
+        guidance_embeds=True,
+        axes_dims_rope=(8, 12, 12),
+    ),
+}
+
+# Parameter counts the tests pin (flux-dev is FLUX.1-dev's published size).
+PARAM_COUNTS = {"flux-dev": 11_901_408_320}
+
+
+def transformer_kwargs(preset: str) -> dict:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown model preset '{preset}': choose one of {', '.join(PRESETS)}")
+    return dict(PRESETS[preset])

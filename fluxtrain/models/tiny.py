@@ -1,0 +1,179 @@
+"""The embedded default: a real diffusers-layout FLUX folder at toy size, created offline.
+
+`python -m fluxtrain.models.tiny --out DIR` writes all seven components. Tokenizers are built with the
+`tokenizers` library over the synthetic grammar's words (any other text still tokenizes, letter by letter); text
+encoders are tiny random T5/CLIP (frozen, so their features only need to tell prompts apart); the VAE is trained
+here on the synthetic shapes so that decoded images look like the data. The shipped copy lives in
+fluxtrain/assets/tiny-flux and FluxPipeline.from_pretrained loads it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import string
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+WORDS = ("a an one two three four red green blue yellow purple orange white black circle circles square squares "
+         "triangle triangles to the left right of above below and").split()
+TEXT_DIM = 64  # T5 d_model = joint_attention_dim; CLIP hidden = pooled_projection_dim
+VAE_CHANNELS = (32, 64, 64)  # three blocks: ×4 downsampling, so 64 px images are 16×16 latents → 64 tokens
+SHIPPED = Path(__file__).resolve().parent.parent / "assets" / "tiny-flux"
+
+
+def tiny_folder() -> Path:
+    """The shipped tiny FLUX folder."""
+    if not (SHIPPED / "model_index.json").is_file():
+        raise FileNotFoundError(f"{SHIPPED} is missing: run `python -m fluxtrain.models.tiny --out {SHIPPED}`")
+    return SHIPPED
+
+
+def _clip_tokenizer(out: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import CLIPTokenizer
+
+    # A CLIP-style BPE (end-of-word suffix "</w>") trained on the grammar: every grammar word is one token.
+    bpe = Tokenizer(models.BPE(unk_token="<|endoftext|>", end_of_word_suffix="</w>"))
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|startoftext|>", "<|endoftext|>"],
+                                  initial_alphabet=list(string.ascii_lowercase + string.digits),
+                                  end_of_word_suffix="</w>", show_progress=False)
+    bpe.train_from_iterator([" ".join(WORDS)] * 4, trainer=trainer)
+    model = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    tok = CLIPTokenizer(vocab=model["vocab"], merges=merges, model_max_length=77)
+    tok.save_pretrained(out)
+
+
+def _t5_tokenizer(out: Path) -> None:
+    from transformers import T5TokenizerFast
+
+    # Unigram vocabulary, as T5's SentencePiece: pad/eos/unk, "▁word" pieces for the grammar, then letters.
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [(f"▁{w}", -1.0) for w in WORDS]
+    pieces += [(c, -5.0) for c in string.ascii_lowercase + string.digits + string.punctuation]
+    pieces += [(f"▁{c}", -4.0) for c in string.ascii_lowercase]
+    tok = T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=512)
+    tok.save_pretrained(out)
+
+
+def _text_encoders(out: Path, clip_vocab: int, t5_vocab: int) -> None:
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=clip_vocab, hidden_size=TEXT_DIM, intermediate_size=128,
+                                        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
+                                        bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=TEXT_DIM))
+    clip.save_pretrained(out / "text_encoder")
+    t5 = T5EncoderModel(T5Config(vocab_size=t5_vocab, d_model=TEXT_DIM, d_kv=16, d_ff=128, num_layers=2,
+                                 num_heads=4, relative_attention_num_buckets=8, dropout_rate=0.0,
+                                 feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1))
+    t5.save_pretrained(out / "text_encoder_2")
+
+
+def _scheduler(out: Path) -> None:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                    base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                    max_image_seq_len=4096).save_pretrained(out / "scheduler")
+
+
+def _transformer(out: Path) -> None:
+    from fluxtrain.models.flux import build_transformer, init_weights
+
+    from fluxtrain.models.presets import transformer_kwargs
+
+    model = build_transformer("tiny", device="cpu")
+    init_weights(model, transformer_kwargs("tiny"), seed=0)
+    model.save_pretrained(out / "transformer")
+
+
+def new_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+                         up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=VAE_CHANNELS,
+                         layers_per_block=1, latent_channels=16, norm_num_groups=16, sample_size=64,
+                         use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=False)
+
+
+def train_vae(steps: int = 1500, size: int = 64, batch: int = 32, seed: int = 0, log=print):
+    """Train the tiny VAE on synthetic shapes (reconstruction + a light KL), then set FLUX's latent scale/shift."""
+    from fluxtrain.data.synthetic import SyntheticShapes
+
+    torch.manual_seed(seed)
+    data = SyntheticShapes(size=size, complex_frac=0.5, seed=seed + 7)
+    vae = new_vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.05)
+
+    def batch_at(i):
+        imgs = [np.asarray(data[i * batch + j]["image"], dtype=np.float32) for j in range(batch)]
+        return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2) / 127.5 - 1
+
+    t0 = time.time()
+    for step in range(steps):
+        x = batch_at(step)
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        loss = (rec - x).abs().mean() + 0.5 * ((rec - x) ** 2).mean() + 1e-6 * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 100 == 0 or step == steps - 1:
+            log(f"vae step {step} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
+    vae.eval()
+    with torch.no_grad():
+        z = torch.cat([vae.encode(batch_at(10_000 + i)).latent_dist.mean for i in range(4)])
+    vae.register_to_config(shift_factor=float(z.mean()), scaling_factor=float(1.0 / z.std()))
+    return vae
+
+
+def build(out: str | Path, vae_from: str | Path | None = None, vae_steps: int = 1500) -> Path:
+    out = Path(out)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    _clip_tokenizer(out / "tokenizer")
+    _t5_tokenizer(out / "tokenizer_2")
+    from transformers import CLIPTokenizer, T5TokenizerFast
+
+    _text_encoders(out, len(CLIPTokenizer.from_pretrained(out / "tokenizer")),
+                   len(T5TokenizerFast.from_pretrained(out / "tokenizer_2")))
+    _scheduler(out)
+    _transformer(out)
+    if vae_from:
+        from diffusers import AutoencoderKL
+
+        AutoencoderKL.from_pretrained(Path(vae_from) / "vae").save_pretrained(out / "vae")
+    else:
+        train_vae(steps=vae_steps).save_pretrained(out / "vae")
+    index = {
+        "_class_name": "FluxPipeline",
+        "_diffusers_version": "0.32.0",
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "T5EncoderModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "T5TokenizerFast"],
+        "transformer": ["diffusers", "FluxTransformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    (out / "model_index.json").write_text(json.dumps(index, indent=2))
+    return out
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description="Create the tiny diffusers-layout FLUX folder")
+    ap.add_argument("--out", default=str(SHIPPED))
+    ap.add_argument("--vae-from", default=None, help="reuse the VAE of an existing tiny folder")
+    ap.add_argument("--vae-steps", type=int, default=1500)
+    a = ap.parse_args()
+    print(build(a.out, a.vae_from, a.vae_steps))

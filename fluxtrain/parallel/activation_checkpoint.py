@@ -1,0 +1,49 @@
+"""Activation checkpointing applied from outside the model: full, every k-th block, or op-level selective."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+from fluxtrain.config import ParallelConfig
+
+# Op-level selective AC saves the outputs of these (expensive to recompute) and recomputes the cheap rest:
+# normalisations, activations, rotary embedding, elementwise modulation.
+_SAVE_OPS = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.bmm.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+}
+
+
+def _policy(ctx, op, *args, **kwargs):
+    return CheckpointPolicy.MUST_SAVE if op in _SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _wrap(block: torch.nn.Module, ops: bool) -> torch.nn.Module:
+    if ops:
+        ctx = functools.partial(create_selective_checkpoint_contexts, _policy)
+        return checkpoint_wrapper(block, context_fn=ctx, preserve_rng_state=False)
+    return checkpoint_wrapper(block, preserve_rng_state=False)
+
+
+def apply_ac(model: torch.nn.Module, p: ParallelConfig) -> int:
+    """Wrap blocks in place (before FSDP, like torchtitan). Returns how many blocks are checkpointed."""
+    if p.activation_checkpointing == "none":
+        return 0
+    every = 1 if p.activation_checkpointing == "full" else p.ac_every
+    ops = p.activation_checkpointing == "selective" and p.ac_ops
+    n = 0
+    for name in ("transformer_blocks", "single_transformer_blocks"):
+        mods = getattr(model, name)
+        for i in range(len(mods)):
+            if ops or i % every == 0:
+                mods[i] = _wrap(mods[i], ops)
+                n += 1
+    return n

@@ -1,0 +1,127 @@
+"""Process group and device mesh from torchrun / accelerate / Slurm environment variables.
+
+Every run has a process group, a one-rank gloo group for a plain `fluxtrain train`, so that one code path (FSDP2,
+DCP) serves one process and many.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from fluxtrain.config import Config, ConfigError, validate_world
+
+
+@dataclass
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+    mesh: DeviceMesh
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def dp_mesh(self) -> DeviceMesh:
+        """The mesh FSDP shards over (2-D replicate × shard for HYBRID_SHARD)."""
+        return self.mesh
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_env() -> dict[str, int]:
+    """RANK/WORLD_SIZE/LOCAL_RANK from torchrun or accelerate, else from Slurm (srun without torchrun), else 1 rank.
+
+    Sets MASTER_ADDR/MASTER_PORT where Slurm or a single process needs them."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+        local = int(env.get("LOCAL_RANK", rank))
+        local_world = int(env.get("LOCAL_WORLD_SIZE", world))
+    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+        local = int(env.get("SLURM_LOCALID", 0))
+        local_world = int(env.get("SLURM_NTASKS_PER_NODE", str(world)).split("(")[0])
+        if "MASTER_ADDR" not in env:
+            nodes = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+            if world > 1 and not nodes:
+                raise ConfigError("Slurm launch without MASTER_ADDR or SLURM_NODELIST: export MASTER_ADDR=<first node>")
+            env["MASTER_ADDR"] = _first_slurm_host(nodes) if world > 1 else "127.0.0.1"
+        env.setdefault("MASTER_PORT", str(29500 + int(env.get("SLURM_JOB_ID", "0")) % 1000))
+    else:
+        rank, world, local, local_world = 0, 1, 0, 1
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", str(_free_port()))
+    return dict(rank=rank, world_size=world, local_rank=local, local_world_size=local_world)
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    import subprocess
+
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.split()[0]
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    # "node[01-04],gpu7" → "node01" without scontrol
+    head = nodelist.split(",")[0]
+    if "[" in head:
+        prefix, rng = head.split("[", 1)
+        return prefix + rng.rstrip("]").split(",")[0].split("-")[0]
+    return head
+
+
+def pick_device(cfg: Config, local_rank: int) -> torch.device:
+    want = cfg.train.device
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device = cuda but no GPU is visible: set train.device = cpu or check CUDA_VISIBLE_DEVICES")
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def init(cfg: Config) -> Dist:
+    """Start the process group and build the mesh. Config checks that need the world size run first."""
+    e = launch_env()
+    validate_world(cfg, e["world_size"], e["local_world_size"])
+    device = pick_device(cfg, e["local_rank"])
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # the one place a device is assigned; the model follows the mesh from here
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend, rank=e["rank"], world_size=e["world_size"],
+                                timeout=datetime.timedelta(seconds=cfg.parallel.nccl_timeout_s),
+                                device_id=device if device.type == "cuda" else None)
+    mesh = build_mesh(cfg, device.type, e["world_size"], e["local_world_size"])
+    return Dist(device=device, mesh=mesh, **e)
+
+
+def build_mesh(cfg: Config, device_type: str, world: int, local_world: int) -> DeviceMesh:
+    if cfg.parallel.strategy == "HYBRID_SHARD":
+        shard = cfg.parallel.shard_size or local_world
+        return init_device_mesh(device_type, (world // shard, shard), mesh_dim_names=("replicate", "shard"))
+    return init_device_mesh(device_type, (world,), mesh_dim_names=("dp",))
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        try:
+            dist.barrier()
+        except Exception:  # a peer already failed: don't hang on it
+            pass
+        dist.destroy_process_group()

@@ -1,0 +1,220 @@
+"""The training loop: data → encode → noise → forward → loss → backward (accumulated) → clip → step → log."""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from fluxtrain import config as C
+from fluxtrain import flow
+from fluxtrain.checkpoint import Checkpointer, find_resume
+from fluxtrain.data.loader import build_loader
+from fluxtrain.metrics import MetricsWriter, Throughput, flux_flops_per_sample, memory_stats, setup_logging
+from fluxtrain.models.setup import build_training_model, encoders_folder, model_kwargs
+from fluxtrain.optim import build_optimizer, build_scheduler
+from fluxtrain.parallel import mesh as pmesh
+from fluxtrain.progress import Progress
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+def sample_noise(indices: torch.Tensor, seed: int, lat_shape, image_seq_len: int, tc: C.TrainConfig,
+                 drop_p: float):
+    """Per-sample randomness from (seed, global sample index): the same draws whatever the world size."""
+    eps, post, sig, drop = [], [], [], []
+    for i in indices.tolist():
+        g = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        post.append(torch.randn(lat_shape, generator=g))
+        eps.append(torch.randn(lat_shape, generator=g))
+        sig.append(flow.sample_sigmas(1, image_seq_len, tc.timestep_sampling, logit_mean=tc.logit_mean,
+                                      logit_std=tc.logit_std, mode_scale=tc.mode_scale, shift=tc.shift, generator=g))
+        drop.append(bool(torch.rand(1, generator=g).item() < drop_p))
+    return torch.stack(post), torch.stack(eps), torch.cat(sig), drop
+
+
+class Encoders:
+    """Frozen encoders on this rank's device: prompts → (T5 seq, CLIP pooled), images → latents."""
+
+    def __init__(self, cfg: C.Config, device: torch.device):
+        from fluxtrain.models.encoders import Autoencoder, TextEncoders
+
+        folder = encoders_folder(cfg)
+        dt = torch.bfloat16 if (device.type == "cuda" and cfg.parallel.mixed_precision == "bf16") else torch.float32
+        self.text = TextEncoders(folder, max_tokens=cfg.model.max_text_tokens, dtype=dt).to(device)
+        self.vae = Autoencoder(folder, dtype=dt).to(device)
+
+
+def forward_backward(model, enc: Encoders, batch: dict, cfg: C.Config, device, step: int, rank: int,
+                     loss_scale: float) -> torch.Tensor:
+    """One micro-batch: the model-specific part of training. Returns the (unscaled) loss."""
+    tc = cfg.train
+    pixels = batch["pixels"].to(device)
+    seq, pooled = enc.text(batch["captions"])
+    mean, std = enc.vae.moments(pixels)
+    lat_h, lat_w = mean.shape[-2:]
+    seq_len = (lat_h // 2) * (lat_w // 2)
+    post, eps, sigma, drop = sample_noise(batch["indices"], tc.seed, tuple(mean.shape[1:]), seq_len, tc,
+                                          cfg.data.caption_dropout)
+    if any(drop):  # classifier-free guidance: the empty prompt's embeddings for dropped captions
+        e_seq, e_pooled = enc.text([""])
+        m = torch.tensor(drop, device=device)
+        seq = torch.where(m[:, None, None], e_seq.expand_as(seq), seq)
+        pooled = torch.where(m[:, None], e_pooled.expand_as(pooled), pooled)
+    x0 = flow.pack(mean.float() + std.float() * post.to(device))
+    noise = flow.pack(eps.to(device))
+    sigma = sigma.to(device)
+    x_t = flow.noisy_input(x0, noise, sigma)
+    guidance = cfg.model.guidance if model.config.guidance_embeds else None
+    pred = model(**flow.transformer_inputs(x_t, sigma, seq, pooled, lat_h, lat_w, guidance))[0]
+    loss = flow.flow_loss(pred, flow.target(x0, noise), sigma, tc.loss_weighting)
+    if tc.inject_nan_at_step == step and rank == tc.inject_nan_rank:
+        loss = loss * float("nan")  # test hook: a NaN on one rank only
+    (loss * loss_scale).backward()
+    return loss.detach()
+
+
+def clip_and_step(model, opt, sched, max_norm: float) -> tuple[float, bool]:
+    """Clip over the sharded gradients; skip the step (on every rank alike: the norm is global) if non-finite."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"), foreach=True)
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    norm = float(norm)
+    ok = math.isfinite(norm)
+    if ok:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    sched.step()
+    return norm, ok
+
+
+def mean_over_ranks(x: torch.Tensor) -> float:
+    x = x.detach().float().clone()
+    dist.all_reduce(x)
+    return float(x) / dist.get_world_size()
+
+
+def train(cfg: C.Config) -> dict:
+    D = pmesh.init(cfg)
+    run_dir = Path(cfg.train.output_dir)
+    if D.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        C.save(cfg, run_dir / "config.toml")
+    dist.barrier()
+    log = setup_logging(run_dir, D.rank)
+    try:
+        return _train(cfg, D, run_dir, log)
+    except Exception as err:
+        log.error(f"rank {D.rank} failed: {type(err).__name__}: {err}")
+        raise
+    finally:
+        pmesh.teardown()
+
+
+def _train(cfg: C.Config, D: pmesh.Dist, run_dir: Path, log) -> dict:
+    tc = cfg.train
+    torch.manual_seed(tc.seed)
+    log.info(f"world {D.world_size} on {D.device}, {cfg.parallel.strategy}, {cfg.parallel.mixed_precision}, "
+             f"AC {cfg.parallel.activation_checkpointing}, offload {cfg.parallel.cpu_offload}")
+    model = build_training_model(cfg, D.mesh, D.device)
+    enc = Encoders(cfg, D.device)
+    opt = build_optimizer(model.parameters(), cfg.optim, D.device, offloaded=cfg.parallel.cpu_offload)
+    sched = build_scheduler(opt, tc.steps, cfg.optim)
+    data = build_loader(cfg, D.rank, D.world_size)
+    ckpt = Checkpointer(run_dir, cfg.checkpoint, D.rank, D.world_size, D.device, log)
+    metrics = MetricsWriter(run_dir, D.is_main, cfg.log.trackers, C.to_dict(cfg), cfg.log.wandb_project)
+
+    start, counters = 0, {"nonfinite_total": 0, "samples_seen": 0}
+    resume = find_resume(run_dir, cfg.checkpoint.resume)
+    if resume is not None:
+        extra = ckpt.load(resume, model, opt, sched)
+        start = int(extra["step"])
+        counters.update({k: extra[k] for k in counters if k in extra})
+        if "data" in extra and not extra["resharded"]:
+            data.load_state_dict(extra["data"])
+        elif "data" in extra:
+            data.load_state_dict(_reshard_data_state(extra["data"]))
+        log.info(f"resumed from {resume} at step {start}" + (" (world size changed: data position kept by "
+                 "global sample count, RNG reseeded)" if extra["resharded"] else ""))
+        metrics.event(start, "resume", path=str(resume), resharded=extra["resharded"])
+
+    stop = {"signal": None}
+    for s in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(s, lambda num, _f: stop.update(signal=num))
+
+    lat = cfg.data.resolution // enc.vae.downsample
+    tokens = (lat // 2) ** 2 + cfg.model.max_text_tokens
+    thr = Throughput(flux_flops_per_sample(model_kwargs(cfg), (lat // 2) ** 2, cfg.model.max_text_tokens),
+                     tokens, D.world_size, D.device)
+    progress = Progress(cfg.log.progress, tc.steps, start, enabled=D.is_main)
+    nonfinite_run, loss_val, gnorm = 0, float("nan"), float("nan")
+    model.train()
+    for step in range(start + 1, tc.steps + 1):
+        data_wait, losses = 0.0, []
+        for micro in range(tc.grad_accum):
+            t0 = time.perf_counter()
+            batch = next(data)
+            data_wait += time.perf_counter() - t0
+            # reduce-scatter only on the last micro-batch; earlier ones accumulate locally
+            model.set_requires_gradient_sync(micro == tc.grad_accum - 1)
+            losses.append(forward_backward(model, enc, batch, cfg, D.device, step, D.rank, 1.0 / tc.grad_accum))
+        gnorm, ok = clip_and_step(model, opt, sched, cfg.optim.grad_clip)
+        loss_val = mean_over_ranks(torch.stack(losses).mean())
+        counters["samples_seen"] += tc.batch_size * tc.grad_accum * D.world_size
+        thr.add(tc.batch_size * tc.grad_accum * D.world_size, data_wait)
+        if not ok:
+            nonfinite_run += 1
+            counters["nonfinite_total"] += 1
+            log.warning(f"step {step}: non-finite gradient norm ({gnorm}); optimizer step skipped on every rank")
+            metrics.event(step, "nonfinite", grad_norm=str(gnorm), total=counters["nonfinite_total"])
+            if nonfinite_run >= tc.max_nonfinite_steps:
+                raise NonFiniteError(f"{nonfinite_run} non-finite steps in a row (train.max_nonfinite_steps): "
+                                     f"lower optim.lr or check the data; resume from the last checkpoint")
+        else:
+            nonfinite_run = 0
+        if step % cfg.log.interval == 0 or step == tc.steps:
+            row = {"loss": loss_val, "lr": sched.get_last_lr()[0], "grad_norm": gnorm if ok else None,
+                   **thr.report(cfg.log.interval), **memory_stats(D.device),
+                   "data_skipped": getattr(data, "skipped", 0), "nonfinite_steps": counters["nonfinite_total"]}
+            metrics.log(step, row)
+            progress.update(step, row)
+        if cfg.eval.interval and step % cfg.eval.interval == 0:
+            _sample_grid(model, enc, cfg, run_dir, step, D, metrics)
+        if step % cfg.checkpoint.interval == 0 or step == tc.steps or stop["signal"]:
+            extra = {"data": data.state_dict(), **counters}
+            stall = ckpt.save(step, model, opt, sched, extra, async_ok=not (step == tc.steps or stop["signal"]))
+            metrics.event(step, "checkpoint", stall_s=stall)
+        if stop["signal"]:
+            log.info(f"signal {stop['signal']}: checkpoint written at step {step}, exiting for a resume")
+            break
+    ckpt.wait()
+    if not stop["signal"] and (not cfg.eval.interval or tc.steps % cfg.eval.interval):
+        _sample_grid(model, enc, cfg, run_dir, tc.steps, D, metrics)
+    progress.close()
+    metrics.close()
+    return {"step": step if tc.steps > start else start, "loss": loss_val, "grad_norm": gnorm}
+
+
+def _reshard_data_state(state: dict) -> dict:
+    return {k: v for k, v in state.items() if k in ("pos", "skipped", "epoch")}
+
+
+def _sample_grid(model, enc, cfg, run_dir: Path, step: int, D, metrics) -> None:
+    """All ranks run the (sharded) transformer; rank 0 decodes and writes samples/step-N.png."""
+    from fluxtrain.eval.grid import generate, save_grid
+
+    model.eval()
+    images = generate(model, enc.text, enc.vae, cfg.eval.prompts, cfg.data.resolution, steps=cfg.eval.num_inference_steps,
+                      guidance=cfg.model.guidance if model.config.guidance_embeds else None, seed=cfg.eval.seed)
+    model.train()
+    if D.is_main:
+        out = run_dir / "samples" / f"step-{step:08d}.png"
+        save_grid(images, cfg.eval.prompts, out)
+        metrics.image(step, "samples", out)

@@ -1,0 +1,67 @@
+import pytest
+
+from fluxtrain import config as C
+
+
+def test_defaults_and_overrides():
+    cfg = C.load("configs/tiny.toml", ["--train.steps", "7", "--optim.lr=3e-4", "--optim.betas", "[0.9, 0.95]"])
+    assert cfg.train.steps == 7 and cfg.optim.lr == pytest.approx(3e-4) and tuple(cfg.optim.betas) == (0.9, 0.95)
+    assert cfg.model.preset == "tiny"
+
+
+def test_guide_aliases():
+    cfg = C.load(None, ["--use_fsdp", "--mixed_precision", "fp32", "--gradient_accumulation_steps", "4"])
+    assert (cfg.parallel.strategy, cfg.parallel.mixed_precision, cfg.train.grad_accum) == ("FULL_SHARD", "fp32", 4)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--train.stepz", "3"], "did you mean 'steps'"),
+    (["--trian.steps", "3"], "did you mean 'train'"),
+    (["--parallel.strategy", "FOO"], "must be one of"),
+    (["--train.steps", "abc"], "train.steps"),
+    (["--parallel.strategy", "NO_SHARD", "--parallel.cpu_offload", "true"], "cpu_offload"),
+    (["--data.resolution", "70"], "multiple of 16"),
+    (["--data.source", "webdataset"], "needs data.path"),
+    (["--train.steps", "0"], "≥ 1"),
+])
+def test_errors_are_one_line(argv, needle):
+    with pytest.raises(C.ConfigError) as e:
+        C.load(None, argv)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_hybrid_shard_size_must_divide_world():
+    cfg = C.load(None, ["--parallel.strategy", "HYBRID_SHARD", "--parallel.shard_size", "3"])
+    with pytest.raises(C.ConfigError, match="does not divide"):
+        C.validate_world(cfg, 4, 4)
+    C.validate_world(cfg, 6, 3)
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = C.load("configs/tiny.toml", ["--train.steps", "11"])
+    C.save(cfg, tmp_path / "c.toml")
+    again = C.load(tmp_path / "c.toml")
+    assert again == cfg
+
+
+def test_unknown_key_in_file(tmp_path):
+    (tmp_path / "bad.toml").write_text("[train]\nbatchsize = 3\n")
+    with pytest.raises(C.ConfigError, match="did you mean 'batch_size'"):
+        C.load(tmp_path / "bad.toml")
+
+
+def test_shipped_configs_load():
+    for name in ("tiny", "flux-dev", "flux-schnell"):
+        C.load(f"configs/{name}.toml")
+
+
+def test_accelerate_env_is_honoured():
+    from fluxtrain.launch import accelerate_overrides
+
+    env = {"ACCELERATE_USE_FSDP": "true", "ACCELERATE_MIXED_PRECISION": "bf16", "FSDP_SHARDING_STRATEGY": "SHARD_GRAD_OP",
+           "FSDP_OFFLOAD_PARAMS": "true", "FSDP_ACTIVATION_CHECKPOINTING": "true",
+           "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "2"}
+    cfg = C.load(None, accelerate_overrides(env))
+    p = cfg.parallel
+    assert (p.strategy, p.mixed_precision, p.cpu_offload, p.activation_checkpointing, cfg.train.grad_accum) == \
+        ("SHARD_GRAD_OP", "bf16", True, "full", 2)

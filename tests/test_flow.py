@@ -1,0 +1,41 @@
+import torch
+from diffusers import FluxPipeline
+
+from fluxtrain import flow
+
+
+def test_pack_matches_diffusers_and_round_trips():
+    x = torch.randn(2, 16, 12, 8)
+    packed = flow.pack(x)
+    assert torch.equal(packed, FluxPipeline._pack_latents(x, 2, 16, 12, 8))
+    assert torch.equal(flow.unpack(packed, 12, 8), x)
+    # diffusers' unpack takes pixel sizes and the VAE factor
+    assert torch.equal(FluxPipeline._unpack_latents(packed, 12 * 8, 8 * 8, 8), x)
+
+
+def test_image_ids_match_diffusers():
+    ours = flow.image_ids(12, 8)
+    theirs = FluxPipeline._prepare_latent_image_ids(1, 6, 4, "cpu", torch.float32)
+    assert torch.equal(ours, theirs)
+    assert torch.equal(flow.text_ids(5), torch.zeros(5, 3))
+
+
+def test_target_and_interpolation():
+    x0, eps = torch.randn(3, 4, 8), torch.randn(3, 4, 8)
+    sigma = torch.tensor([0.0, 0.5, 1.0])
+    xt = flow.noisy_input(x0, eps, sigma)
+    assert torch.allclose(xt[0], x0[0]) and torch.allclose(xt[2], eps[2])
+    assert torch.allclose(xt[1], 0.5 * (x0[1] + eps[1]))
+    # the velocity is d x_t / d sigma
+    assert torch.allclose(flow.target(x0, eps), (flow.noisy_input(x0, eps, sigma + 0.1) - xt) / 0.1, atol=1e-5)
+    assert flow.flow_loss(flow.target(x0, eps), flow.target(x0, eps), sigma) == 0
+
+
+def test_sigma_sampling_and_shift():
+    g = torch.Generator().manual_seed(0)
+    s = flow.sample_sigmas(4096, 4096, "logit_normal", generator=g, shift=False)
+    assert 0 < s.min() and s.max() < 1 and abs(float(s.median()) - 0.5) < 0.05
+    g = torch.Generator().manual_seed(0)
+    shifted = flow.sample_sigmas(4096, 4096, "logit_normal", generator=g, shift=True)
+    assert float(shifted.median()) > 0.7  # 1024² images get noisier timesteps (mu = 1.15)
+    assert abs(flow.shift_mu(256) - 0.5) < 1e-9 and abs(flow.shift_mu(4096) - 1.15) < 1e-9
