@@ -103,6 +103,7 @@ class ParallelConfig:
     ac_every: int = 2
     ac_ops: bool = False
     cpu_offload: bool = False
+    fp8: bool = False  # torchao Float8Linear on the block linears, fp8 all-gather (GPU only)
     # HYBRID_SHARD: ranks per shard group (default 0 = GPUs per node, LOCAL_WORLD_SIZE).
     shard_size: int = 0
     forward_prefetch: int = 1
@@ -205,11 +206,8 @@ def _parse_value(text: str) -> Any:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         pass
-    low = text.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low in ("none", "null"):
-        return None
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
     try:
         return json.loads(text)
     except ValueError:

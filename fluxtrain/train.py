@@ -17,6 +17,7 @@ from fluxtrain.data.loader import build_loader
 from fluxtrain.metrics import MetricsWriter, Throughput, flux_flops_per_sample, memory_stats, setup_logging
 from fluxtrain.models.setup import build_training_model, encoders_folder, model_kwargs
 from fluxtrain.optim import build_optimizer, build_scheduler
+from fluxtrain.parallel import after_optimizer_step
 from fluxtrain.parallel import mesh as pmesh
 from fluxtrain.progress import Progress
 
@@ -80,7 +81,7 @@ def forward_backward(model, enc: Encoders, batch: dict, cfg: C.Config, device, s
     return loss.detach()
 
 
-def clip_and_step(model, opt, sched, max_norm: float) -> tuple[float, bool]:
+def clip_and_step(model, opt, sched, max_norm: float, cfg: C.Config) -> tuple[float, bool]:
     """Clip over the sharded gradients; skip the step (on every rank alike: the norm is global) if non-finite."""
     params = [p for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"), foreach=True)
@@ -90,6 +91,7 @@ def clip_and_step(model, opt, sched, max_norm: float) -> tuple[float, bool]:
     ok = math.isfinite(norm)
     if ok:
         opt.step()
+        after_optimizer_step(model, cfg)
     opt.zero_grad(set_to_none=True)
     sched.step()
     return norm, ok
@@ -165,7 +167,7 @@ def _train(cfg: C.Config, D: pmesh.Dist, run_dir: Path, log) -> dict:
             # reduce-scatter only on the last micro-batch; earlier ones accumulate locally
             model.set_requires_gradient_sync(micro == tc.grad_accum - 1)
             losses.append(forward_backward(model, enc, batch, cfg, D.device, step, D.rank, 1.0 / tc.grad_accum))
-        gnorm, ok = clip_and_step(model, opt, sched, cfg.optim.grad_clip)
+        gnorm, ok = clip_and_step(model, opt, sched, cfg.optim.grad_clip, cfg)
         loss_val = mean_over_ranks(torch.stack(losses).mean())
         counters["samples_seen"] += tc.batch_size * tc.grad_accum * D.world_size
         thr.add(tc.batch_size * tc.grad_accum * D.world_size, data_wait)

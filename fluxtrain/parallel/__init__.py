@@ -11,9 +11,20 @@ from fluxtrain.parallel.fsdp import apply_fsdp
 
 
 def parallelize(model: torch.nn.Module, mesh, cfg: Config) -> torch.nn.Module:
-    """AC, then compile, then FSDP (torchtitan's order: FSDP wraps the compiled, checkpointed blocks)."""
+    """fp8, then AC, then compile, then FSDP (torchtitan's order: FSDP wraps the compiled, checkpointed blocks)."""
+    if cfg.parallel.fp8:
+        from fluxtrain.parallel.fp8 import apply_fp8
+
+        apply_fp8(model)
     apply_ac(model, cfg.parallel)
     if cfg.train.compile:
         apply_compile(model)
     apply_fsdp(model, mesh, cfg.parallel)
     return model
+
+
+def after_optimizer_step(model: torch.nn.Module, cfg: Config) -> None:
+    if cfg.parallel.fp8:
+        from fluxtrain.parallel.fp8 import after_optimizer_step as fp8_step
+
+        fp8_step(model)

@@ -1,0 +1,179 @@
+"""Time FLUX training steps: one table row per variant (step time, samples/s/GPU, TFLOP/s/GPU, MFU, peak memory).
+
+    torchrun --nproc_per_node 2 bench/train_step.py --preset flux-dev --resolution 1024 --batch 1 \
+        --variants "ac=full" "ac=full,compile=1" "ac=selective,ac_every=2" "ac=none,compile=1"
+
+Each variant is `key=value` pairs over: ac (none|full|selective), ac_every, ac_ops, compile (0|1), strategy,
+offload (0|1), mp (bf16|fp32), attn (flash|efficient|cudnn|math|auto), fp8 (0|1), batch, prefetch. All variants run in
+one process launch (model rebuilt per variant, on the meta device, random weights), so rows compare on one machine.
+Inputs are random latents and text embeddings (frozen encoders are off the hot path: `data.source = cache`).
+MFU uses the analytic FLUX FLOPs (fluxtrain.metrics.flux_flops_per_sample) and the 989 TFLOP/s H100/H200 peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from fluxtrain import config as C  # noqa: E402
+from fluxtrain import flow  # noqa: E402
+from fluxtrain.metrics import flux_flops_per_sample, peak_tflops  # noqa: E402
+from fluxtrain.models.setup import build_training_model, model_kwargs  # noqa: E402
+from fluxtrain.optim import build_optimizer  # noqa: E402
+from fluxtrain.parallel import after_optimizer_step  # noqa: E402
+from fluxtrain.parallel import mesh as pmesh  # noqa: E402
+
+BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION", "math": "MATH"}
+
+
+def variant_config(base: list[str], spec: dict) -> C.Config:
+    ov = list(base)
+    m = {"ac": "parallel.activation_checkpointing", "ac_every": "parallel.ac_every", "ac_ops": "parallel.ac_ops",
+         "compile": "train.compile", "strategy": "parallel.strategy", "offload": "parallel.cpu_offload",
+         "mp": "parallel.mixed_precision", "batch": "train.batch_size", "prefetch": "parallel.forward_prefetch",
+         "reshard_last": "parallel.reshard_last_block", "fp8": "parallel.fp8"}
+    for k, v in spec.items():
+        if k in m:
+            v = {"0": "false", "1": "true"}.get(v, v) if k in ("compile", "offload", "ac_ops", "reshard_last", "fp8") else v
+            ov += [f"--{m[k]}", v]
+    return C.load(None, ov)
+
+
+def sdpa_context(name: str):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if name in (None, "auto"):
+        import contextlib
+
+        return contextlib.nullcontext()
+    return sdpa_kernel([getattr(SDPBackend, BACKENDS[name])])
+
+
+def run_variant(D, args, spec: dict) -> dict:
+    cfg = variant_config(args.base, spec)
+    cuda = D.device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t_init = time.perf_counter()
+    model = build_training_model(cfg, D.mesh, D.device)
+    opt = build_optimizer(model.parameters(), cfg.optim, D.device, offloaded=cfg.parallel.cpu_offload)
+    init_s = time.perf_counter() - t_init
+    kw = model_kwargs(cfg)
+    b = cfg.train.batch_size
+    lat = args.resolution // args.vae_factor
+    img_tok, txt_tok = (lat // 2) ** 2, args.text_tokens
+    g = torch.Generator(device=D.device).manual_seed(D.rank)
+    x0 = torch.randn(b, img_tok, kw["in_channels"], device=D.device, generator=g)
+    noise = torch.randn_like(x0)
+    seq = torch.randn(b, txt_tok, kw["joint_attention_dim"], device=D.device, generator=g)
+    pooled = torch.randn(b, kw["pooled_projection_dim"], device=D.device, generator=g)
+    times, losses = [], []
+    with sdpa_context(spec.get("attn", args.attn)):
+        for i in range(args.warmup + args.steps):
+            sync()
+            t0 = time.perf_counter()
+            sigma = torch.rand(b, device=D.device, generator=g)
+            x_t = flow.noisy_input(x0, noise, sigma)
+            pred = model(**flow.transformer_inputs(x_t, sigma, seq, pooled, lat, lat, 1.0))[0]
+            loss = flow.flow_loss(pred, flow.target(x0, noise), sigma)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+            opt.step()
+            after_optimizer_step(model, cfg)
+            opt.zero_grad(set_to_none=True)
+            sync()
+            if i >= args.warmup:
+                times.append(time.perf_counter() - t0)
+                losses.append(float(loss))
+    step = statistics.median(times)
+    t = torch.tensor([step], device=D.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the slowest rank sets the pace
+    step = float(t)
+    peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0], device=D.device)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    reserved = torch.cuda.max_memory_reserved() / 2**30 if cuda else 0.0
+    fps = flux_flops_per_sample(kw, img_tok, txt_tok)
+    tflops = b * fps / step / 1e12
+    pk = peak_tflops(D.device) or float("nan")
+    row = dict(variant=",".join(f"{k}={v}" for k, v in spec.items()) or "default", gpus=D.world_size, batch=b,
+               step_s=step, samples_s_gpu=b / step, tflops_gpu=tflops, mfu=tflops / pk, peak_gib=float(peak),
+               reserved_gib=reserved, init_s=init_s, loss_first=losses[0], loss_last=losses[-1])
+    del model, opt, x0, noise, seq, pooled
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return row
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="flux-dev")
+    ap.add_argument("--resolution", type=int, default=1024)
+    ap.add_argument("--text-tokens", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--vae-factor", type=int, default=8, help="VAE downsampling (8 for FLUX; 4 for tiny)")
+    ap.add_argument("--attn", default="flash")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--variants", nargs="+", default=["ac=full"])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--out", default=None, help="append the markdown rows here (default: print only)")
+    args = ap.parse_args()
+    args.base = ["--model.preset", args.preset, "--data.resolution", str(args.resolution),
+                 "--train.batch_size", str(args.batch), "--model.max_text_tokens", str(args.text_tokens),
+                 "--train.device", args.device, "--optim.fused", "true"]
+    base_cfg = C.load(None, args.base)
+    D = pmesh.init(base_cfg)
+    card = torch.cuda.get_device_name(D.device) if D.device.type == "cuda" else "CPU"
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    rows = []
+    for v in args.variants:
+        spec = dict(kv.split("=", 1) for kv in v.split(",") if kv)
+        try:
+            row = run_variant(D, args, spec)
+        except torch.OutOfMemoryError:
+            row = dict(variant=v, gpus=D.world_size, batch=args.batch, error="OOM")
+            gc.collect()
+            torch.cuda.empty_cache()
+        rows.append(row)
+        if D.is_main:
+            print(json.dumps(row), flush=True)
+    if D.is_main:
+        date = datetime.date.today().isoformat()
+        head = (f"\n### {date} · {card} × {D.world_size} · commit {commit} · {args.preset} {args.resolution}² "
+                f"+ {args.text_tokens} text tokens, batch {args.batch}/GPU, attn {args.attn}\n\n"
+                f"`{' '.join(['torchrun', '--nproc_per_node', str(D.world_size)] + sys.argv)}`\n\n"
+                "| variant | step s | samples/s/GPU | TFLOP/s/GPU | MFU | peak GiB | loss first→last |\n"
+                "|---|---|---|---|---|---|---|\n")
+        lines = []
+        for r in rows:
+            if "error" in r:
+                lines.append(f"| {r['variant']} | {r['error']} | | | | | |")
+            else:
+                lines.append(f"| {r['variant']} | {r['step_s']:.3f} | {r['samples_s_gpu']:.3f} | {r['tflops_gpu']:.0f} "
+                             f"| {100 * r['mfu']:.1f}% | {r['peak_gib']:.1f} | {r['loss_first']:.3f}→{r['loss_last']:.3f} |")
+        text = head + "\n".join(lines) + "\n"
+        print(text)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(text)
+    pmesh.teardown()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
