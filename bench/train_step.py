@@ -34,6 +34,7 @@ from fluxtrain.metrics import flux_flops_per_sample, peak_tflops  # noqa: E402
 from fluxtrain.models.setup import build_training_model, model_kwargs  # noqa: E402
 from fluxtrain.optim import build_optimizer  # noqa: E402
 from fluxtrain.parallel import after_optimizer_step  # noqa: E402
+from fluxtrain.train import clip_grad_norm  # noqa: E402
 from fluxtrain.parallel import mesh as pmesh  # noqa: E402
 
 BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION", "math": "MATH"}
@@ -43,7 +44,7 @@ def variant_config(base: list[str], spec: dict) -> C.Config:
     ov = list(base)
     m = {"ac": "parallel.activation_checkpointing", "ac_every": "parallel.ac_every", "ac_ops": "parallel.ac_ops",
          "compile": "train.compile", "strategy": "parallel.strategy", "offload": "parallel.cpu_offload",
-         "mp": "parallel.mixed_precision", "batch": "train.batch_size", "prefetch": "parallel.forward_prefetch",
+         "mp": "parallel.mixed_precision", "batch": "train.batch_size", "prefetch": "parallel.forward_prefetch", "bprefetch": "parallel.backward_prefetch",
          "reshard_last": "parallel.reshard_last_block", "fp8": "parallel.fp8"}
     for k, v in spec.items():
         if k in m:
@@ -91,14 +92,14 @@ def run_variant(D, args, spec: dict) -> dict:
             pred = model(**flow.transformer_inputs(x_t, sigma, seq, pooled, lat, lat, 1.0))[0]
             loss = flow.flow_loss(pred, flow.target(x0, noise), sigma)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+            clip_grad_norm(model, 1.0)
             opt.step()
             after_optimizer_step(model, cfg)
             opt.zero_grad(set_to_none=True)
             sync()
             if i >= args.warmup:
                 times.append(time.perf_counter() - t0)
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
     step = statistics.median(times)
     t = torch.tensor([step], device=D.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the slowest rank sets the pace

@@ -83,11 +83,7 @@ def forward_backward(model, enc: Encoders, batch: dict, cfg: C.Config, device, s
 
 def clip_and_step(model, opt, sched, max_norm: float, cfg: C.Config) -> tuple[float, bool]:
     """Clip over the sharded gradients; skip the step (on every rank alike: the norm is global) if non-finite."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"), foreach=True)
-    if hasattr(norm, "full_tensor"):
-        norm = norm.full_tensor()
-    norm = float(norm)
+    norm = clip_grad_norm(model, max_norm)
     ok = math.isfinite(norm)
     if ok:
         opt.step()
@@ -95,6 +91,18 @@ def clip_and_step(model, opt, sched, max_norm: float, cfg: C.Config) -> tuple[fl
     opt.zero_grad(set_to_none=True)
     sched.step()
     return norm, ok
+
+
+def clip_grad_norm(model, max_norm: float) -> float:
+    """Global grad norm with one reduction (DTensor partial norms made full once), then an in-place foreach clip."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    grads = [p.grad for p in params]
+    total = torch.nn.utils.get_total_norm(grads, foreach=True)
+    if hasattr(total, "full_tensor"):
+        total = total.full_tensor()
+    if max_norm > 0 and math.isfinite(float(total)):
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
+    return float(total)
 
 
 def mean_over_ranks(x: torch.Tensor) -> float:
