@@ -146,10 +146,12 @@ def main() -> int:
         spec = dict(kv.split("=", 1) for kv in v.split(",") if kv)
         try:
             row = run_variant(D, args, spec)
-        except torch.OutOfMemoryError:
-            row = dict(variant=v, gpus=D.world_size, batch=args.batch, error="OOM")
+        except Exception as err:  # a failed variant (OOM, compile error) is a row, not the end of the run
+            kind = "OOM" if isinstance(err, torch.OutOfMemoryError) else f"{type(err).__name__}: {str(err).splitlines()[-1][:120]}"
+            row = dict(variant=v, gpus=D.world_size, batch=args.batch, error=kind)
             gc.collect()
-            torch.cuda.empty_cache()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
         rows.append(row)
         if D.is_main:
             print(json.dumps(row), flush=True)

@@ -92,8 +92,12 @@ class Checkpointer:
 
     # ---- save -----------------------------------------------------------------------------------------------
     def _app_state(self, model, opt, sched) -> dict:
-        return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt),
-                "sched": {"last_epoch": torch.tensor(sched.last_epoch)}}
+        state = {"model": get_model_state_dict(model)}
+        if opt is not None:
+            state["optim"] = get_optimizer_state_dict(model, opt)
+        if sched is not None:
+            state["sched"] = {"last_epoch": torch.tensor(sched.last_epoch)}
+        return state
 
     def save(self, step: int, model, opt, sched, extra: dict, async_ok: bool = True) -> float:
         """Save; returns the seconds training was stalled. The previous async save is finished first."""

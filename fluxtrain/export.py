@@ -32,7 +32,11 @@ def load_checkpoint_model(ckpt: str | Path):
     state = {"model": model.state_dict()}
     dcp.load(state, checkpoint_id=str(ckpt))
     model.load_state_dict(state["model"])
-    return model, cfg, encoders_folder(cfg)
+    try:
+        folder = encoders_folder(cfg)
+    except FileNotFoundError:  # no encoders/VAE to pair with: the export holds the transformer alone
+        folder = None
+    return model, cfg, folder
 
 
 def export(ckpt: str | Path, fmt: str, out: str | Path, dtype: str = "bf16") -> Path:
@@ -46,9 +50,9 @@ def export(ckpt: str | Path, fmt: str, out: str | Path, dtype: str = "bf16") -> 
     if fmt == "diffusers":
         # a complete FluxPipeline folder: our transformer beside the encoders/VAE it was trained with
         for part in ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"):
-            if (folder / part).exists() and not (out / part).exists():
+            if folder and (folder / part).exists() and not (out / part).exists():
                 shutil.copytree(folder / part, out / part)
-        if (folder / "model_index.json").is_file():
+        if folder and (folder / "model_index.json").is_file():
             out.mkdir(parents=True, exist_ok=True)
             shutil.copy(folder / "model_index.json", out / "model_index.json")
         save_diffusers(state, dict(model.config), out / "transformer")

@@ -8,8 +8,9 @@ from fluxtrain.config import ConfigError
 
 
 def _eligible(mod: torch.nn.Module, fqn: str) -> bool:
-    # Only the big block linears: fp8 GEMMs need dims divisible by 16, and small ones don't pay for the casts.
-    return (isinstance(mod, torch.nn.Linear) and "transformer_blocks" in fqn
+    # Only the big per-token block linears: fp8 GEMMs need dims divisible by 16, small ones don't pay for the
+    # casts, and the AdaLN modulation linears ("norm…") see one row per sample (their weight-grad GEMM fails in fp8).
+    return (isinstance(mod, torch.nn.Linear) and "transformer_blocks" in fqn and ".norm" not in fqn
             and mod.in_features % 16 == 0 and mod.out_features % 16 == 0 and mod.in_features >= 512)
 
 
