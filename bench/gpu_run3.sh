@@ -6,7 +6,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 N=$(python3 -c "import torch; print(torch.cuda.device_count())")
 timeout 120 python3 -m fluxtrain doctor --checkpoint-dir /tmp 2>&1 | grep -v Warning | tee "$OUT/doctor.txt"
 timeout 330 torchrun --nproc_per_node "$N" bench/train_step.py --preset flux-dev --resolution 1024 --batch 1 --attn flash \
-  --warmup 2 --steps 5 --out "$OUT/results.md" --variants $VARIANTS 2>&1 | grep -v "UserWarning\|register_pre_backward\|output = self\|SyntaxWarning\|Configuration class" | tee "$OUT/bench.log" | grep "^{\|^|\|Error"
+  --warmup 2 --steps 5 --out "$OUT/results.md" --variants $VARIANTS 2>&1 | grep -v "UserWarning\|register_pre_backward\|output = self\|SyntaxWarning\|Configuration class" | tee "$OUT/bench.log" | grep "^{\|^|\|Error\|failed"
 timeout 150 torchrun --nproc_per_node "$N" bench/checkpoint_io.py --preset flux-dev --run-dir /tmp/ckbench 2>&1 | grep "^{\|Error" | tee "$OUT/ckpt.txt"
 ( time timeout 150 python3 -m fluxtrain export --checkpoint /tmp/ckbench/checkpoints/step-00000001 --format diffusers --out /tmp/export ) 2>&1 | grep -v Warn | tail -4 | tee -a "$OUT/ckpt.txt"
 du -sh /tmp/export/transformer 2>&1 | tee -a "$OUT/ckpt.txt"

@@ -149,6 +149,8 @@ def main() -> int:
         except Exception as err:  # a failed variant (OOM, compile error) is a row, not the end of the run
             kind = "OOM" if isinstance(err, torch.OutOfMemoryError) else f"{type(err).__name__}: {str(err).splitlines()[-1][:120]}"
             row = dict(variant=v, gpus=D.world_size, batch=args.batch, error=kind)
+            if D.is_main:
+                print(f"variant {v} failed:\n{str(err)[:3000]}", flush=True)
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()

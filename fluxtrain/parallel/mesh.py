@@ -102,7 +102,8 @@ def init(cfg: Config) -> Dist:
     device = pick_device(cfg, e["local_rank"])
     if device.type == "cuda":
         torch.cuda.set_device(device)  # the one place a device is assigned; the model follows the mesh from here
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    # gloo beside nccl: CPU offload and DCP's async save move CPU tensors through the group
+    backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend, rank=e["rank"], world_size=e["world_size"],
                                 timeout=datetime.timedelta(seconds=cfg.parallel.nccl_timeout_s),
