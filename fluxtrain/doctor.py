@@ -113,6 +113,7 @@ def parse_topo(text: str) -> dict:
     "pcie" | "pcie-sys" | "single", "min_nv": smallest NV# over GPU pairs (0 when some pair has none)}.
     """
     text = re.sub(r"\x1b\[[0-9;]*m", "", text)  # nvidia-smi underlines the header with ANSI codes
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", text)  # nvidia-smi underlines the header on a terminal-ish stdout
     lines = [ln.rstrip("\n") for ln in text.splitlines()]
     header_i = next((i for i, ln in enumerate(lines) if re.search(r"\tGPU0\b", ln) or re.match(r"\s+GPU0\s", ln)), None)
     res: dict = {"gpus": 0, "links": {}, "numa": {}, "cpu_affinity": {}, "nics": {}, "gpu_nic": {}, "kind": "unknown",
@@ -186,7 +187,8 @@ def read_infiniband(root: str | Path = "/sys/class/infiniband") -> list[dict]:
     return ports
 
 
-def expected_busbw(topo: dict | None, pcie_gen: int | None, nnodes: int, ib_gbs: float | None) -> tuple[float, str] | None:
+def expected_busbw(topo: dict | None, pcie_gen: int | None, nnodes: int,
+                   ib_gbs: float | None) -> tuple[float, str] | None:
     """Rough large-message busbw (GB/s) this hardware should give, and why. None when unknown."""
     intra = None
     if topo and topo.get("kind") == "nvlink":
@@ -398,7 +400,8 @@ class Doctor:
         if active and not Path("/dev/infiniband").exists():
             self.add(WARN, "infiniband", "RDMA devices visible but /dev/infiniband is missing (container?)",
                      "docker run --device=/dev/infiniband --cap-add=IPC_LOCK, or the k8s RDMA device plugin")
-        if active and self.n_gpus and not any(Path("/sys/module", m).exists() for m in ("nvidia_peermem", "nv_peer_mem")):
+        gdr = any(Path("/sys/module", m).exists() for m in ("nvidia_peermem", "nv_peer_mem"))
+        if active and self.n_gpus and not gdr:
             self.add(WARN, "gpudirect", "GPUDirect RDMA module (nvidia_peermem) not loaded",
                      "on the host: `modprobe nvidia_peermem` (or DMA-BUF with a recent driver); without GDR NCCL "
                      "stages through host memory")

@@ -29,11 +29,13 @@ def accelerate_overrides(env: Mapping[str, str]) -> list[str]:
         out += ["--train.grad_accum", env["ACCELERATE_GRADIENT_ACCUMULATION_STEPS"]]
     if _true(env.get("ACCELERATE_USE_FSDP")):
         strat = env.get("FSDP_SHARDING_STRATEGY")
-        if strat in _STRATEGIES:
-            out += ["--parallel.strategy", _STRATEGIES[strat]]
-        elif env.get("FSDP_RESHARD_AFTER_FORWARD") is not None:
+        # accelerate always exports FSDP_SHARDING_STRATEGY (default FULL_SHARD); for FSDP2 configs the
+        # reshard-after-forward flag is what the user chose
+        if env.get("FSDP_VERSION") == "2" and env.get("FSDP_RESHARD_AFTER_FORWARD") is not None:
             out += ["--parallel.strategy",
                     "FULL_SHARD" if _true(env["FSDP_RESHARD_AFTER_FORWARD"]) else "SHARD_GRAD_OP"]
+        elif strat in _STRATEGIES:
+            out += ["--parallel.strategy", _STRATEGIES[strat]]
         if env.get("FSDP_OFFLOAD_PARAMS") is not None:
             out += ["--parallel.cpu_offload", "true" if _true(env["FSDP_OFFLOAD_PARAMS"]) else "false"]
         if env.get("FSDP_ACTIVATION_CHECKPOINTING") is not None:

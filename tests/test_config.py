@@ -65,3 +65,11 @@ def test_accelerate_env_is_honoured():
     p = cfg.parallel
     assert (p.strategy, p.mixed_precision, p.cpu_offload, p.activation_checkpointing, cfg.train.grad_accum) == \
         ("SHARD_GRAD_OP", "bf16", True, "full", 2)
+
+
+def test_accelerate_fsdp2_reshard_flag_wins_over_default_strategy():
+    from fluxtrain.launch import accelerate_overrides
+
+    env = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_SHARDING_STRATEGY": "FULL_SHARD",
+           "FSDP_RESHARD_AFTER_FORWARD": "false"}
+    assert C.load(None, accelerate_overrides(env)).parallel.strategy == "SHARD_GRAD_OP"
