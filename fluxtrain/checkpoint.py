@@ -165,9 +165,11 @@ class Checkpointer:
             first = next((m for m in msg if "key" in m.lower() or "size" in m.lower()), msg[0] if msg else repr(err))
             raise CheckpointError(f"{path} does not fit this model/config: {first[:300]}") from None
         set_model_state_dict(model, state["model"])
-        set_optimizer_state_dict(model, opt, state["optim"])
-        sched.last_epoch = int(state["sched"]["last_epoch"])
-        sched._last_lr = [g["lr"] for g in opt.param_groups]
+        if opt is not None:
+            set_optimizer_state_dict(model, opt, state["optim"])
+        if sched is not None:
+            sched.last_epoch = int(state["sched"]["last_epoch"])
+            sched._last_lr = [g["lr"] for g in opt.param_groups]
         own = path / f"rank-{self.rank}.json"
         extra = json.loads((own if own.is_file() else path / "rank-0.json").read_text())
         if extra.get("world_size") == self.world:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 # Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' datasheets; CPU has none.
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "GH200": 989.0, "A100": 312.0, "A800": 312.0,
+PEAK_TFLOPS = {"H100": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H200 NVL": 835.0, "H200": 989.0, "H800": 989.0, "GH200": 989.0, "A100": 312.0, "A800": 312.0,
                "L40S": 362.0, "B200": 2250.0, "GB200": 2500.0}
 
 

@@ -19,6 +19,7 @@ from fluxtrain.models.setup import build_training_model, encoders_folder, model_
 from fluxtrain.optim import build_optimizer, build_scheduler
 from fluxtrain.parallel import after_optimizer_step
 from fluxtrain.parallel import mesh as pmesh
+from fluxtrain.profiler import StepProfiler
 from fluxtrain.progress import Progress
 
 
@@ -125,7 +126,7 @@ def train(cfg: C.Config) -> dict:
         log.error(f"rank {D.rank} failed: {type(err).__name__}: {err}")
         raise
     finally:
-        pmesh.teardown()
+        pmesh.teardown(D.owns_group)
 
 
 def _train(cfg: C.Config, D: pmesh.Dist, run_dir: Path, log) -> dict:
@@ -159,12 +160,14 @@ def _train(cfg: C.Config, D: pmesh.Dist, run_dir: Path, log) -> dict:
     for s in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(s, lambda num, _f: stop.update(signal=num))
 
+    prof = StepProfiler(cfg.log, run_dir, D.rank, start_step=start)
     lat = cfg.data.resolution // enc.vae.downsample
     tokens = (lat // 2) ** 2 + cfg.model.max_text_tokens
     thr = Throughput(flux_flops_per_sample(model_kwargs(cfg), (lat // 2) ** 2, cfg.model.max_text_tokens),
                      tokens, D.world_size, D.device)
     progress = Progress(cfg.log.progress, tc.steps, start, enabled=D.is_main)
     nonfinite_run, loss_val, gnorm = 0, float("nan"), float("nan")
+    step, stopping = start, False
     model.train()
     for step in range(start + 1, tc.steps + 1):
         data_wait, losses = 0.0, []
@@ -197,19 +200,45 @@ def _train(cfg: C.Config, D: pmesh.Dist, run_dir: Path, log) -> dict:
             progress.update(step, row)
         if cfg.eval.interval and step % cfg.eval.interval == 0:
             _sample_grid(model, enc, cfg, run_dir, step, D, metrics)
-        if step % cfg.checkpoint.interval == 0 or step == tc.steps or stop["signal"]:
+        _test_fault_hooks(step, D.rank)
+        # a signal may reach one rank only (Slurm, kill): agree on it so every rank saves and exits together
+        stopping = _any_rank(stop["signal"] is not None)
+        if step % cfg.checkpoint.interval == 0 or step == tc.steps or stopping:
             extra = {"data": data.state_dict(), **counters}
-            stall = ckpt.save(step, model, opt, sched, extra, async_ok=not (step == tc.steps or stop["signal"]))
+            stall = ckpt.save(step, model, opt, sched, extra, async_ok=not (step == tc.steps or stopping))
             metrics.event(step, "checkpoint", stall_s=stall)
-        if stop["signal"]:
-            log.info(f"signal {stop['signal']}: checkpoint written at step {step}, exiting for a resume")
+        if stopping:
+            log.info(f"stop signal: checkpoint written at step {step}, exiting for a resume")
+            metrics.event(step, "preempted")
             break
+        prof.step(step)
+    prof.close()
     ckpt.wait()
-    if not stop["signal"] and (not cfg.eval.interval or tc.steps % cfg.eval.interval):
+    if not stopping and (not cfg.eval.interval or tc.steps % cfg.eval.interval):
         _sample_grid(model, enc, cfg, run_dir, tc.steps, D, metrics)
     progress.close()
     metrics.close()
-    return {"step": step if tc.steps > start else start, "loss": loss_val, "grad_norm": gnorm}
+    return {"step": step, "loss": loss_val, "grad_norm": gnorm, "preempted": stopping}
+
+
+def _any_rank(flag: bool) -> bool:
+    t = torch.tensor([1 if flag else 0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _test_fault_hooks(step: int, rank: int) -> None:
+    """Fault injection for the resume tests (environment variables, off unless set): SIGKILL or SIGTERM this
+    process at a step, on the first launch only (torchrun restarts count up TORCHELASTIC_RESTART_COUNT)."""
+    import os
+
+    env = os.environ
+    if env.get("TORCHELASTIC_RESTART_COUNT", "0") != "0" or int(env.get("FLUXTRAIN_TEST_FAULT_RANK", "0")) != rank:
+        return
+    for var, sig in (("FLUXTRAIN_TEST_KILL_AT_STEP", signal.SIGKILL), ("FLUXTRAIN_TEST_TERM_AT_STEP", signal.SIGTERM)):
+        if env.get(var) and int(env[var]) == step and not env.get("FLUXTRAIN_TEST_FAULT_DONE"):
+            env["FLUXTRAIN_TEST_FAULT_DONE"] = "1"
+            os.kill(os.getpid(), sig)
 
 
 def _reshard_data_state(state: dict) -> dict:

@@ -22,7 +22,7 @@ import torch
 WORDS = ("a an one two three four red green blue yellow purple orange white black circle circles square squares "
          "triangle triangles to the left right of above below and").split()
 TEXT_DIM = 64  # T5 d_model = joint_attention_dim; CLIP hidden = pooled_projection_dim
-VAE_CHANNELS = (32, 64, 64)  # three blocks: ×4 downsampling, so 64 px images are 16×16 latents → 64 tokens
+VAE_CHANNELS = (16, 32, 32)  # three blocks: ×4 downsampling, so 64 px images are 16×16 latents → 64 tokens
 SHIPPED = Path(__file__).resolve().parent.parent / "assets" / "tiny-flux"
 
 
@@ -99,19 +99,19 @@ def new_vae():
 
     return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
                          up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=VAE_CHANNELS,
-                         layers_per_block=1, latent_channels=16, norm_num_groups=16, sample_size=64,
+                         layers_per_block=1, latent_channels=16, norm_num_groups=8, sample_size=64,
                          use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=False)
 
 
-def train_vae(steps: int = 1500, size: int = 64, batch: int = 32, seed: int = 0, log=print):
+def train_vae(steps: int = 800, size: int = 64, batch: int = 16, seed: int = 0, log=print):
     """Train the tiny VAE on synthetic shapes (reconstruction + a light KL), then set FLUX's latent scale/shift."""
     from fluxtrain.data.synthetic import SyntheticShapes
 
     torch.manual_seed(seed)
     data = SyntheticShapes(size=size, complex_frac=0.5, seed=seed + 7)
     vae = new_vae()
-    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.05)
+    opt = torch.optim.AdamW(vae.parameters(), lr=3e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.05)
 
     def batch_at(i):
         imgs = [np.asarray(data[i * batch + j]["image"], dtype=np.float32) for j in range(batch)]
@@ -136,7 +136,7 @@ def train_vae(steps: int = 1500, size: int = 64, batch: int = 32, seed: int = 0,
     return vae
 
 
-def build(out: str | Path, vae_from: str | Path | None = None, vae_steps: int = 1500) -> Path:
+def build(out: str | Path, vae_from: str | Path | None = None, vae_steps: int = 800) -> Path:
     out = Path(out)
     if out.exists():
         shutil.rmtree(out)
@@ -174,6 +174,6 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="Create the tiny diffusers-layout FLUX folder")
     ap.add_argument("--out", default=str(SHIPPED))
     ap.add_argument("--vae-from", default=None, help="reuse the VAE of an existing tiny folder")
-    ap.add_argument("--vae-steps", type=int, default=1500)
+    ap.add_argument("--vae-steps", type=int, default=800)
     a = ap.parse_args()
     print(build(a.out, a.vae_from, a.vae_steps))

@@ -26,6 +26,7 @@ class Dist:
     local_world_size: int
     device: torch.device
     mesh: DeviceMesh
+    owns_group: bool = True  # False when the caller started the process group (tests, notebooks)
 
     @property
     def is_main(self) -> bool:
@@ -104,12 +105,13 @@ def init(cfg: Config) -> Dist:
         torch.cuda.set_device(device)  # the one place a device is assigned; the model follows the mesh from here
     # gloo beside nccl: CPU offload and DCP's async save move CPU tensors through the group
     backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()
+    if owns:
         dist.init_process_group(backend, rank=e["rank"], world_size=e["world_size"],
                                 timeout=datetime.timedelta(seconds=cfg.parallel.nccl_timeout_s),
                                 device_id=device if device.type == "cuda" else None)
     mesh = build_mesh(cfg, device.type, e["world_size"], e["local_world_size"])
-    return Dist(device=device, mesh=mesh, **e)
+    return Dist(device=device, mesh=mesh, owns_group=owns, **e)
 
 
 def build_mesh(cfg: Config, device_type: str, world: int, local_world: int) -> DeviceMesh:
@@ -119,8 +121,8 @@ def build_mesh(cfg: Config, device_type: str, world: int, local_world: int) -> D
     return init_device_mesh(device_type, (world,), mesh_dim_names=("dp",))
 
 
-def teardown() -> None:
-    if dist.is_initialized():
+def teardown(owns_group: bool = True) -> None:
+    if dist.is_initialized() and owns_group:
         try:
             dist.barrier()
         except Exception:  # a peer already failed: don't hang on it

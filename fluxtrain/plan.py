@@ -1,0 +1,130 @@
+"""`fluxtrain plan`: predicted per-GPU peak memory of a config, and the fastest config that fits.
+
+The model: training states by strategy and offload (fp32 params, fp32 grads, AdamW m and v = 16 B/param, divided by
+the shard group), FSDP's unsharded block buffers (bf16 params of the running block plus prefetched ones, their fp32
+gradients before reduce-scatter), activations per sample proportional to layers × tokens × width with a
+bytes-per-element factor per AC mode (calibrated from the 12B runs in bench/RESULTS.md), the frozen encoders when
+they run online, and a fixed allocator/NCCL overhead.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from fluxtrain import config as C
+from fluxtrain.models.presets import transformer_kwargs
+
+GIB = 2**30
+# Activation bytes per (sample · layer · token · hidden unit), bf16, measured on flux-dev 1024² (2 × H200):
+# (peak − states − overhead) / (batch · 57 · 4608 · 3072). Keys: (AC mode, compiled).
+ACT_BYTES = {
+    ("none", False): 40.3,
+    ("none", True): 7.5,
+    ("every2", False): 30.6,
+    ("every2", True): 5.0,
+    ("ops", True): 7.0,
+    ("ops", False): 14.0,  # not measured: assumed twice the compiled figure, as for the other modes' ratio floor
+    ("full", False): 1.08,
+    ("full", True): 0.93,
+}
+OVERHEAD_GIB = 0.25
+# Fastest first, from the measured MFU ranking (op-level SAC + compile at batch 2 was best).
+SPEED_ORDER = [("ops", True), ("none", True), ("every2", True), ("full", True), ("none", False), ("every2", False),
+               ("full", False)]
+ENCODER_PARAMS = {"flux-dev": 4.76e9 + 0.123e9 + 0.084e9, "flux-schnell": 4.76e9 + 0.123e9 + 0.084e9, "tiny": 0.5e6}
+
+
+@dataclass
+class Plan:
+    states_gib: float
+    buffers_gib: float
+    activations_gib: float
+    encoders_gib: float
+    overhead_gib: float
+
+    @property
+    def total_gib(self) -> float:
+        return self.states_gib + self.buffers_gib + self.activations_gib + self.encoders_gib + self.overhead_gib
+
+
+def ac_key(cfg: C.Config) -> str:
+    p = cfg.parallel
+    if p.activation_checkpointing == "selective":
+        return "ops" if p.ac_ops else ("full" if p.ac_every == 1 else "every2")
+    return p.activation_checkpointing
+
+
+def predict(cfg: C.Config, gpus: int, kw: dict | None = None) -> Plan:
+    kw = kw or transformer_kwargs(cfg.model.preset)
+    from fluxtrain.models.flux import build_transformer
+
+    m = build_transformer(kw, "meta")
+    n = sum(p.numel() for p in m.parameters())
+    block = max(sum(p.numel() for p in b.parameters()) for b in list(m.transformer_blocks) + list(m.single_transformer_blocks))
+    p = cfg.parallel
+    shard = {"NO_SHARD": 1, "HYBRID_SHARD": p.shard_size or min(gpus, 8)}.get(p.strategy, gpus)
+    states = 0.0 if p.cpu_offload else 16 * n / shard
+    pbytes = 2 if p.mixed_precision == "bf16" else 4
+    live_blocks = 1 + max(p.forward_prefetch, p.backward_prefetch)
+    buffers = block * pbytes * live_blocks  # gathered params of the running and the prefetched block
+    if p.strategy == "SHARD_GRAD_OP":
+        buffers += n * pbytes  # parameters stay gathered between forward and backward
+    d = kw["num_attention_heads"] * kw["attention_head_dim"]
+    lat = cfg.data.resolution // 8
+    tokens = (lat // 2) ** 2 + cfg.model.max_text_tokens
+    layers = kw["num_layers"] + kw["num_single_layers"]
+    key = (ac_key(cfg), cfg.train.compile)
+    act = cfg.train.batch_size * layers * tokens * d * ACT_BYTES[key] * (2 if pbytes == 4 else 1)
+    enc = 0.0 if cfg.data.source == "cache" else ENCODER_PARAMS.get(cfg.model.preset, 0) * 2
+    return Plan(states / GIB, buffers / GIB, act / GIB, enc / GIB, OVERHEAD_GIB)
+
+
+def _with(cfg: C.Config, **over) -> C.Config:
+    raw = C.to_dict(cfg)
+    for dotted, v in over.items():
+        sec, key = dotted.split(".")
+        raw.setdefault(sec, {})[key] = v
+    return C.from_dict(raw)
+
+
+def recommend(cfg: C.Config, gpus: int, gpu_mem_gib: float, margin: float = 0.92) -> tuple[C.Config, Plan] | None:
+    """The fastest (AC mode, compile, offload) that fits `margin` of the GPU memory, or None."""
+    modes = {"ops": dict(activation_checkpointing="selective", ac_ops=True),
+             "every2": dict(activation_checkpointing="selective", ac_ops=False, ac_every=2),
+             "none": dict(activation_checkpointing="none"), "full": dict(activation_checkpointing="full")}
+    for offload in (False, True):
+        for mode, compiled in SPEED_ORDER:
+            over = {f"parallel.{k}": v for k, v in modes[mode].items()}
+            cand = _with(cfg, **over, **{"train.compile": compiled, "parallel.cpu_offload": offload})
+            plan = predict(cand, gpus)
+            if plan.total_gib <= margin * gpu_mem_gib:
+                return cand, plan
+    return None
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="fluxtrain plan")
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--gpus", type=int, required=True)
+    ap.add_argument("--gpu-mem-gib", type=float, required=True)
+    a, rest = ap.parse_known_args(argv)
+    cfg = C.load(a.config, rest)
+    plan = predict(cfg, a.gpus)
+    print(f"{cfg.model.preset}, {a.gpus} GPUs × {a.gpu_mem_gib:g} GiB, {cfg.parallel.strategy}, AC "
+          f"{ac_key(cfg)}, compile {cfg.train.compile}, batch {cfg.train.batch_size}/GPU at {cfg.data.resolution}²")
+    for k in ("states_gib", "buffers_gib", "activations_gib", "encoders_gib", "overhead_gib"):
+        print(f"  {k[:-4]:<12} {getattr(plan, k):8.1f} GiB")
+    fits = plan.total_gib <= a.gpu_mem_gib
+    print(f"  {'total':<12} {plan.total_gib:8.1f} GiB per GPU — {'fits' if fits else 'does NOT fit'}")
+    rec = recommend(cfg, a.gpus, a.gpu_mem_gib)
+    if rec is None:
+        print("nothing fits: add GPUs, lower train.batch_size or data.resolution, or use data.source = cache")
+        return 1
+    best, bp = rec
+    p = best.parallel
+    print(f"fastest that fits: --parallel.activation_checkpointing {p.activation_checkpointing}"
+          + (" --parallel.ac_ops true" if p.ac_ops and p.activation_checkpointing == "selective" else "")
+          + f" --train.compile {str(best.train.compile).lower()} --parallel.cpu_offload {str(p.cpu_offload).lower()}"
+          f"  ({bp.total_gib:.1f} GiB)")
+    return 0

@@ -1,0 +1,52 @@
+"""The memory planner against every measured 12B row of bench/RESULTS.md (2 × H200, 1024², 512 text tokens)."""
+
+import pytest
+
+from fluxtrain import config as C
+from fluxtrain.plan import predict, recommend
+
+# (AC overrides, compile, batch/GPU, measured peak GiB allocated)
+MEASURED = [
+    (["--parallel.activation_checkpointing", "full"], False, 1, 91.0),
+    (["--parallel.activation_checkpointing", "full"], True, 1, 90.9),
+    (["--parallel.activation_checkpointing", "full"], True, 4, 93.0),
+    (["--parallel.activation_checkpointing", "selective", "--parallel.ac_every", "2"], False, 1, 113.2),
+    (["--parallel.activation_checkpointing", "selective", "--parallel.ac_every", "2"], True, 2, 97.7),
+    (["--parallel.activation_checkpointing", "none"], False, 1, 120.5),
+    (["--parallel.activation_checkpointing", "none"], True, 1, 96.1),
+    (["--parallel.activation_checkpointing", "none"], True, 1, 95.6),
+    (["--parallel.activation_checkpointing", "selective", "--parallel.ac_ops", "true"], True, 2, 99.5),
+    (["--parallel.activation_checkpointing", "selective", "--parallel.ac_ops", "true"], True, 3, 115.2),
+]
+BASE = ["--model.preset", "flux-dev", "--data.resolution", "1024", "--model.max_text_tokens", "512",
+        "--data.source", "cache", "--data.path", "x"]
+
+
+@pytest.mark.parametrize("ac, compiled, batch, measured", MEASURED)
+def test_prediction_within_10_percent_of_measured(ac, compiled, batch, measured):
+    cfg = C.load(None, BASE + ac + ["--train.compile", str(compiled).lower(), "--train.batch_size", str(batch)])
+    got = predict(cfg, gpus=2).total_gib
+    assert abs(got - measured) / measured <= 0.10, (got, measured)
+
+
+def test_states_follow_the_arithmetic():
+    cfg = C.load(None, BASE)
+    # 16 bytes per parameter over the shard group
+    assert predict(cfg, 2).states_gib == pytest.approx(16 * 11_901_408_320 / 2 / 2**30)
+    assert predict(cfg, 8).states_gib == pytest.approx(16 * 11_901_408_320 / 8 / 2**30)
+    no = C.load(None, BASE + ["--parallel.strategy", "NO_SHARD"])
+    assert predict(no, 8).states_gib == pytest.approx(16 * 11_901_408_320 / 2**30)
+
+
+def test_recommendations():
+    guide = C.load("configs/flux-dev.toml", ["--data.source", "cache"])
+    # the guide's 8 × A100-40GB: something fits (it needs sharding and checkpointing)
+    cfg, plan = recommend(guide, gpus=8, gpu_mem_gib=40)
+    assert plan.total_gib <= 40 and not cfg.parallel.cpu_offload
+    # one 80 GB GPU can't hold 190 GB of states: only CPU offload fits
+    cfg1, plan1 = recommend(guide, gpus=1, gpu_mem_gib=80)
+    assert cfg1.parallel.cpu_offload
+    # two H200s: the measured-fastest op-level selective AC with compile at batch 2
+    two = C.load("configs/flux-dev.toml", ["--data.source", "cache", "--train.batch_size", "2"])
+    cfg2, _ = recommend(two, gpus=2, gpu_mem_gib=140)
+    assert cfg2.parallel.ac_ops and cfg2.train.compile
