@@ -2,7 +2,7 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-NPROC ?= 2
+NPROC ?= auto
 
 .PHONY: demo test install tiny clean
 

@@ -23,7 +23,7 @@ def cmd_train(argv: list[str]) -> int:
             cfg_path, i = (a.split("=", 1)[1], i + 1) if "=" in a else (argv[i + 1] if i + 1 < len(argv) else None, i + 2)
         elif a in ("--nproc-per-node", "--nproc_per_node") or a.startswith(("--nproc-per-node=", "--nproc_per_node=")):
             val, i = (a.split("=", 1)[1], i + 1) if "=" in a else (argv[i + 1], i + 2)
-            nproc = int(val)
+            nproc = _nproc(val)
         else:
             rest.append(a)
             i += 1
@@ -35,6 +35,19 @@ def cmd_train(argv: list[str]) -> int:
 
     out = train(cfg)
     return 0 if out is not None else 1
+
+
+def _nproc(val: str) -> int:
+    """`auto`: every GPU when there are some, else 2 CPU ranks (the demo's default)."""
+    from fluxtrain.config import ConfigError
+
+    if val == "auto":
+        import torch
+
+        return torch.cuda.device_count() or 2
+    if not val.isdigit() or int(val) < 1:
+        raise ConfigError(f"--nproc-per-node must be a positive number or 'auto' (got '{val}')")
+    return int(val)
 
 
 def _accelerate_overrides() -> list[str]:

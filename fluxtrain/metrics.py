@@ -60,14 +60,14 @@ class MetricsWriter:
     """metrics.jsonl always; TensorBoard / W&B on rank 0 as configured. Non-main ranks write nothing."""
 
     def __init__(self, run_dir: str | Path, enabled: bool, trackers: list[str], config: dict | None = None,
-                 wandb_project: str = "fluxtrain"):
+                 wandb_project: str = "fluxtrain", append: bool = True):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self.tb = None
         self.wandb = None
         if not enabled:
             return
-        self.file = open(self.path, "a", buffering=1)
+        self.file = open(self.path, "a" if append else "w", buffering=1)
         if "tensorboard" in trackers:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -140,10 +140,11 @@ def _train(cfg: C.Config, D: pmesh.Dist, run_dir: Path, log) -> dict:
     sched = build_scheduler(opt, tc.steps, cfg.optim)
     data = build_loader(cfg, D.rank, D.world_size)
     ckpt = Checkpointer(run_dir, cfg.checkpoint, D.rank, D.world_size, D.device, log)
-    metrics = MetricsWriter(run_dir, D.is_main, cfg.log.trackers, C.to_dict(cfg), cfg.log.wandb_project)
-
     start, counters = 0, {"nonfinite_total": 0, "samples_seen": 0}
     resume = find_resume(run_dir, cfg.checkpoint.resume)
+    # a fresh start replaces an old metrics.jsonl; a resume appends to it
+    metrics = MetricsWriter(run_dir, D.is_main, cfg.log.trackers, C.to_dict(cfg), cfg.log.wandb_project,
+                            append=resume is not None)
     if resume is not None:
         extra = ckpt.load(resume, model, opt, sched)
         start = int(extra["step"])
