@@ -89,6 +89,9 @@ class Checkpointer:
         self.cfg, self.rank, self.world, self.device = cfg, rank, world_size, device
         self.log = log
         self.pending = None  # (future, tmp, final) of an async save in flight
+        # async saves finish their collectives in a background thread: on a group of their own, so they never
+        # interleave with the training step's collectives on the default group (that deadlocks gloo)
+        self.group = dist.new_group(backend="gloo") if cfg.async_save else None
 
     # ---- save -----------------------------------------------------------------------------------------------
     def _app_state(self, model, opt, sched) -> dict:
@@ -117,7 +120,7 @@ class Checkpointer:
             save_file(_rng_state(self.device), str(tmp / f"rng-{self.rank}.safetensors"))
             state = self._app_state(model, opt, sched)
             if async_ok and self.cfg.async_save:
-                fut = dcp.async_save(state, checkpoint_id=str(tmp))
+                fut = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.group)
                 self.pending = (fut, tmp, final, step)
             else:
                 dcp.save(state, checkpoint_id=str(tmp))

@@ -32,7 +32,9 @@ def pretrained_kwargs(pretrained: str | Path) -> dict | None:
     if not cfg_file.is_file():
         return None
     raw = json.loads(cfg_file.read_text())
-    keys = FluxTransformer2DModel.__init__.__code__.co_varnames
+    import inspect
+
+    keys = set(inspect.signature(FluxTransformer2DModel.__init__).parameters) - {"self"}
     return {k: (tuple(v) if isinstance(v, list) else v) for k, v in raw.items() if k in keys and not k.startswith("_")}
 
 

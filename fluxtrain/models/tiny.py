@@ -131,6 +131,11 @@ def train_vae(steps: int = 800, size: int = 64, batch: int = 16, seed: int = 0, 
             log(f"vae step {step} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
     vae.eval()
     with torch.no_grad():
+        # With a near-zero KL weight the decoder learns to ignore posterior noise and the encoder keeps std ≈ the
+        # latents' own spread, so sampled training latents would be mostly noise. The decoder reconstructs from
+        # the mean alone, so shrink the posterior (logvar − 6, std × e⁻³), as real FLUX VAEs have small std.
+        half = vae.encoder.conv_out.bias.shape[0] // 2
+        vae.encoder.conv_out.bias[half:] -= 6.0
         z = torch.cat([vae.encode(batch_at(10_000 + i)).latent_dist.mean for i in range(4)])
     vae.register_to_config(shift_factor=float(z.mean()), scaling_factor=float(1.0 / z.std()))
     return vae

@@ -1,0 +1,177 @@
+"""Image-text contrastive (ITC) auxiliary loss, attached from outside the FLUX transformer.
+
+The exported FluxTransformer2DModel is unchanged: a forward hook (`capture_block_output`) stores the image tokens of
+one block's output, `pooled_image_features` averages them, and a separate `ITCHead` (saved separately) projects the
+pooled image features and the frozen text encoders' pooled features into a joint space, where `itc_loss` computes the
+symmetric InfoNCE (CLIP) loss.
+
+Distributed: `itc_loss(..., gather=True)` all-gathers both projected embeddings across ranks with
+`torch.distributed.nn.functional.all_gather` (differentiable) so every rank computes the loss of the *global* batch
+(the same value on every rank, equal to the single-process loss on the concatenated batch). Its gradient on a rank
+holds the other ranks' contributions to this rank's embeddings (all_gather's backward sums), so averaging the
+parameter gradients over ranks (FSDP's reduce-scatter, DDP, or an explicit all_reduce/world) gives exactly the
+single-process gradient. The head's parameters must therefore be averaged over ranks like the model's (e.g.
+`fully_shard(head, mesh=...)`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+class ITCHead(nn.Module):
+    """Two small projection MLPs (LayerNorm → Linear → GELU → Linear) and a learnable temperature.
+
+    `logit_scale` = log(1/temperature), initialised at log(1/0.07) and clamped to at most log(100) in use (CLIP).
+    """
+
+    def __init__(self, img_dim: int, txt_dim: int, proj_dim: int = 256, temperature: float = 0.07,
+                 hidden_dim: int | None = None):
+        super().__init__()
+        hidden = hidden_dim or proj_dim
+        self.img_proj = nn.Sequential(nn.LayerNorm(img_dim), nn.Linear(img_dim, hidden), nn.GELU(),
+                                      nn.Linear(hidden, proj_dim))
+        self.txt_proj = nn.Sequential(nn.LayerNorm(txt_dim), nn.Linear(txt_dim, hidden), nn.GELU(),
+                                      nn.Linear(hidden, proj_dim))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
+        self.config = {"img_dim": img_dim, "txt_dim": txt_dim, "proj_dim": proj_dim, "temperature": temperature,
+                       "hidden_dim": hidden}
+
+    def forward(self, img_feats: torch.Tensor, txt_feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """L2-normalised embeddings [B, proj_dim] of pooled image features [B, img_dim] and text features."""
+        p = self.img_proj[1].weight
+        zi = self.img_proj(img_feats.to(p.dtype))
+        zt = self.txt_proj(txt_feats.to(p.dtype))
+        return F.normalize(zi.float(), dim=-1), F.normalize(zt.float(), dim=-1)
+
+    def scale(self) -> torch.Tensor:
+        return self.logit_scale.float().clamp(max=math.log(100.0)).exp()
+
+    def no_weight_decay(self) -> list[str]:
+        """Parameter names that should get weight_decay = 0 (temperature, norms, biases)."""
+        return [n for n, p in self.named_parameters() if p.ndim < 2]
+
+
+def pooled_image_features(hidden_states: torch.Tensor) -> torch.Tensor:
+    """Mean over the image tokens: [B, N, D] → [B, D] (a DTensor/other tensor subclass works alike)."""
+    return hidden_states.mean(dim=1)
+
+
+def _gather(x: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x.contiguous()), dim=0)
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def itc_loss(head: ITCHead, img_feats: torch.Tensor, txt_feats: torch.Tensor, gather: bool = True,
+             valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric InfoNCE between pooled image features [B, img_dim] and text features [B, txt_dim].
+
+    gather: all-gather the projected embeddings over the default process group (only if it is initialised and has
+      more than one rank), so negatives come from the global batch; every rank returns the global loss. Every rank
+      must call it (a collective) with the same batch size.
+    valid: optional bool [B]: rows that take part (e.g. False for captions dropped for classifier-free guidance).
+    The same caption twice in a batch needs no special care: identical text embeddings give identical logit
+    columns, so hard labels already equal soft targets spread over the duplicates (same loss, same gradient).
+    Returns a 0-dim float32 loss (0, with a graph, if fewer than two valid rows).
+    """
+    zi, zt = head(img_feats, txt_feats)
+    v = torch.ones(zi.shape[0], dtype=torch.bool, device=zi.device) if valid is None else valid.to(zi.device).bool()
+    if gather and _world() > 1:
+        zi, zt = _gather(zi), _gather(zt)
+        v = _gather(v.to(torch.uint8)).bool()
+    zi, zt = zi[v], zt[v]
+    n = zi.shape[0]
+    if n < 2:
+        return (zi.sum() + zt.sum() + head.logit_scale.float()) * 0.0
+    logits = head.scale() * zi @ zt.t()  # [image i, text j]
+    labels = torch.arange(n, device=logits.device)
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+
+
+# ------------------------------------------------------------------------------------------- capture hook
+
+@dataclass
+class Capture:
+    """What `capture_block_output` stores: `features` = the image tokens [B, N_img, D] of the block's last output
+    (with autograd graph), or None. `enabled = False` makes the hook a no-op (e.g. while sampling)."""
+
+    handle: object = None
+    features: torch.Tensor | None = None
+    enabled: bool = True
+    calls: int = 0
+    block: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def pop(self) -> torch.Tensor:
+        """The captured features, cleared (so a stale tensor is never reused); error if nothing was captured."""
+        if self.features is None:
+            raise RuntimeError(f"no features captured from {self.block} (was the model called with the hook "
+                               f"enabled?)")
+        f, self.features = self.features, None
+        return f
+
+    def clear(self) -> None:
+        self.features = None
+
+    def remove(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+        self.features = None
+
+
+def _resolve_block(model: nn.Module, block_index: int, kind: str) -> tuple[nn.Module, str]:
+    name = {"single": "single_transformer_blocks", "double": "transformer_blocks"}[kind]
+    blocks = getattr(model, name)
+    idx = block_index if block_index >= 0 else len(blocks) + block_index
+    if not 0 <= idx < len(blocks):
+        raise IndexError(f"{name}[{block_index}] out of range (the model has {len(blocks)})")
+    return blocks[idx], f"{name}[{idx}]"
+
+
+def capture_block_output(model: nn.Module, block_index: int, kind: str = "single") -> Capture:
+    """Register a forward hook on `model.single_transformer_blocks[block_index]` (kind="single") or
+    `model.transformer_blocks[block_index]` (kind="double"; negative indices count from the end) that stores the
+    image-token part of the block's output in the returned `Capture`.
+
+    Diffusers' FLUX blocks return (encoder_hidden_states, hidden_states): the image tokens are the second. An older
+    single block returning one concatenated [text; image] tensor is handled too (the text length is read from the
+    call's encoder_hidden_states). The hook sits on whatever module is in the list, so an activation-checkpoint
+    wrapper or FSDP2 unit around the block is fine (it fires once per forward, not again on recomputation). The
+    model's parameters, state_dict and export are untouched; `capture.remove()` takes the hook off.
+    """
+    block, where = _resolve_block(model, block_index, kind)
+    cap = Capture(block=where)
+
+    def hook(_mod, args, kwargs, output):
+        if not cap.enabled:
+            return None
+        if isinstance(output, (tuple, list)):
+            img = output[1]
+        else:  # one [text; image] tensor
+            enc = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+            img = output[:, enc.shape[1]:] if enc is not None else output
+        cap.features = img
+        cap.calls += 1
+        return None
+
+    cap.handle = block.register_forward_hook(hook, with_kwargs=True)
+    return cap
+
+
+def head_for(model: nn.Module, text_dim: int, proj_dim: int = 256, temperature: float = 0.07) -> ITCHead:
+    """An ITCHead sized for a FLUX transformer (image dim = heads × head dim) and a text feature width (the CLIP
+    pooled width = model.config.pooled_projection_dim for the pooled prompt embedding)."""
+    c = model.config
+    return ITCHead(c.num_attention_heads * c.attention_head_dim, text_dim, proj_dim, temperature)

@@ -1,0 +1,166 @@
+"""ITC auxiliary loss: matched < shuffled, gradients reach the head and the captured block output, hook leaves the
+model alone, and the 2-rank gather gives the single-process loss and (rank-averaged) gradients."""
+
+import json
+import textwrap
+
+import pytest
+import torch
+
+from fluxtrain import flow
+from fluxtrain.itc import ITCHead, capture_block_output, head_for, itc_loss, pooled_image_features
+from tests.helpers import torchrun
+
+
+def _pairs(n=16, d_img=32, d_txt=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    latent = torch.randn(n, 8, generator=g)
+    img = latent @ torch.randn(8, d_img, generator=g) + 0.1 * torch.randn(n, d_img, generator=g)
+    txt = latent @ torch.randn(8, d_txt, generator=g) + 0.1 * torch.randn(n, d_txt, generator=g)
+    return img, txt
+
+
+def test_matched_lower_than_shuffled_after_fitting():
+    torch.manual_seed(0)
+    img, txt = _pairs()
+    head = ITCHead(32, 24, proj_dim=16)
+    opt = torch.optim.Adam(head.parameters(), lr=1e-2)
+    for _ in range(60):
+        loss = itc_loss(head, img, txt, gather=False)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    perm = torch.roll(torch.arange(16), 5)
+    with torch.no_grad():
+        matched = itc_loss(head, img, txt, gather=False).item()
+        shuffled = itc_loss(head, img, txt[perm], gather=False).item()
+    assert matched < 0.5 * shuffled, (matched, shuffled)
+    assert matched < torch.log(torch.tensor(16.0)).item() < shuffled
+
+
+def test_temperature_init_and_valid_mask():
+    head = ITCHead(8, 8, proj_dim=4)
+    assert abs(1 / head.scale().item() - 0.07) < 1e-6
+    assert "logit_scale" in head.no_weight_decay()
+    img, txt = torch.randn(4, 8), torch.randn(4, 8)
+    valid = torch.tensor([True, False, True, True])
+    c = itc_loss(head, img, txt, gather=False, valid=valid)
+    d = itc_loss(head, img[valid], txt[valid], gather=False)
+    assert c.item() == pytest.approx(d.item())
+    z = itc_loss(head, img, txt, gather=False, valid=torch.tensor([True, False, False, False]))
+    assert z.item() == 0.0 and z.requires_grad
+
+
+def _tiny_model():
+    from fluxtrain.models.flux import build_transformer, init_weights
+    from fluxtrain.models.presets import transformer_kwargs
+
+    model = build_transformer("tiny", device="cpu")
+    init_weights(model, transformer_kwargs("tiny"), seed=0)
+    return model
+
+
+def _forward(model, b=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lat = 8  # 8×8 latent → 16 image tokens
+    x = flow.pack(torch.randn(b, model.config.in_channels // 4, lat, lat, generator=g))
+    seq = torch.randn(b, 6, model.config.joint_attention_dim, generator=g)
+    pooled = torch.randn(b, model.config.pooled_projection_dim, generator=g)
+    sigma = torch.rand(b, generator=g)
+    out = model(**flow.transformer_inputs(x, sigma, seq, pooled, lat, lat, 3.5))[0]
+    return out, pooled, x.shape[1]
+
+
+@pytest.mark.parametrize("kind,index", [("single", 1), ("double", -1)])
+def test_capture_hook_gradients_reach_head_and_block(kind, index):
+    model = _tiny_model()
+    keys = set(model.state_dict())
+    cap = capture_block_output(model, index, kind=kind)
+    out, pooled, n_img = _forward(model)
+    feats = cap.pop()
+    assert feats.shape == (4, n_img, 128) and feats.requires_grad and cap.calls == 1
+    feats.retain_grad()
+    head = head_for(model, text_dim=pooled.shape[1], proj_dim=32)
+    loss = itc_loss(head, pooled_image_features(feats), pooled, gather=False)
+    loss.backward()  # the ITC term alone
+    assert feats.grad is not None and feats.grad.abs().sum() > 0
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in head.parameters())
+    assert head.logit_scale.grad.abs() > 0
+    blocks = model.single_transformer_blocks if kind == "single" else model.transformer_blocks
+    assert sum(p.grad.abs().sum() for p in blocks[index].parameters() if p.grad is not None) > 0
+    assert model.x_embedder.weight.grad.abs().sum() > 0  # ... and the layers below it
+    assert model.proj_out.weight.grad is None  # ... but not the layers above it
+    # Hook is external: same parameters/state_dict keys; disabled → nothing stored; removed → gone.
+    assert set(model.state_dict()) == keys
+    cap.enabled = False
+    with torch.no_grad():
+        _forward(model)
+    assert cap.features is None
+    cap.remove()
+    assert not blocks[index]._forward_hooks
+
+
+_DIST_SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    import torch, torch.distributed as dist
+    sys.path.insert(0, os.environ["PYTHONPATH"])
+    from tests.test_itc import _dist_case
+    dist.init_process_group("gloo")
+    r, w = dist.get_rank(), dist.get_world_size()
+    out = _dist_case(r, w)
+    # Data-parallel convention: the gradient used for the step is the average over ranks.
+    for k, g in out["grads"].items():
+        dist.all_reduce(g)
+        g /= w
+    if r == 0:
+        json.dump({"loss": out["loss"], "grads": {k: v.tolist() for k, v in out["grads"].items()}},
+                  open(sys.argv[1] + f"/rank{r}.json", "w"))
+    else:
+        json.dump({"loss": out["loss"]}, open(sys.argv[1] + f"/rank{r}.json", "w"))
+    dist.destroy_process_group()
+""")
+
+
+def _dist_case(rank: int, world: int, n_per_rank: int = 6):
+    """A shared 'backbone' Linear (standing in for the transformer) → pooled image features; this rank's slice
+    of a global batch of world × n_per_rank pairs (world=1: the whole batch). Returns loss and grads."""
+    torch.manual_seed(0)
+    backbone = torch.nn.Linear(20, 32)
+    head = ITCHead(32, 24, proj_dim=16)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2 * n_per_rank, 5, 20, generator=g)  # global batch (2 ranks' worth) of 5 'tokens'
+    txt = torch.randn(2 * n_per_rank, 24, generator=g)
+    valid = torch.ones(2 * n_per_rank, dtype=torch.bool)
+    valid[[2, 8]] = False  # one masked row on each rank (a dropped caption)
+    lo, hi = (rank * n_per_rank, (rank + 1) * n_per_rank) if world > 1 else (0, 2 * n_per_rank)
+    feats = pooled_image_features(backbone(x[lo:hi]))
+    loss = itc_loss(head, feats, txt[lo:hi], gather=True, valid=valid[lo:hi])
+    loss.backward()
+    grads = {f"backbone.{k}": p.grad.clone() for k, p in backbone.named_parameters()}
+    grads.update({f"head.{k}": p.grad.clone() for k, p in head.named_parameters()})
+    return {"loss": loss.item(), "grads": grads}
+
+
+def test_two_rank_gather_matches_single_process(tmp_path):
+    script = tmp_path / "itc_dist.py"
+    script.write_text(_DIST_SCRIPT)
+    res = torchrun(2, [str(script), str(tmp_path)], timeout=300)
+    assert res.returncode == 0, res.stderr[-4000:]
+    single = _dist_case(0, 1)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["loss"] == pytest.approx(single["loss"], rel=1e-5)
+    assert r1["loss"] == pytest.approx(single["loss"], rel=1e-5)
+    for k, g in single["grads"].items():
+        assert torch.allclose(torch.tensor(r0["grads"][k]), g, rtol=1e-4, atol=1e-6), k
+    # Without the gather each rank would see only its own half: a different (smaller-batch) loss.
+    assert r0["loss"] != pytest.approx(_local_only_loss(), rel=1e-3)
+
+
+def _local_only_loss():
+    torch.manual_seed(0)
+    backbone = torch.nn.Linear(20, 32)
+    head = ITCHead(32, 24, proj_dim=16)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(12, 5, 20, generator=g)
+    txt = torch.randn(12, 24, generator=g)
+    return itc_loss(head, pooled_image_features(backbone(x[:6])), txt[:6], gather=False).item()
