@@ -84,10 +84,14 @@ def _set_rng_state(st: dict[str, torch.Tensor], device: torch.device) -> None:
 
 class Checkpointer:
     def __init__(self, run_dir: str | Path, cfg: CheckpointConfig, rank: int, world_size: int, device: torch.device,
-                 log=None):
+                 log=None, extras: dict | None = None, trainable_only: bool = False, ema=None):
         self.root = Path(run_dir) / "checkpoints"
         self.cfg, self.rank, self.world, self.device = cfg, rank, world_size, device
         self.log = log
+        # LoRA: frozen base weights are not saved (the checkpoint references the base through config.toml)
+        self.model_options = StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only)
+        self.ema = ema
+        self.extras = extras or {}  # name → (module, optimizer) saved beside the model (e.g. the ITC head)
         self.pending = None  # (future, tmp, final) of an async save in flight
         # async saves finish their collectives in a background thread: on a group of their own, so they never
         # interleave with the training step's collectives on the default group (that deadlocks gloo)
@@ -95,11 +99,16 @@ class Checkpointer:
 
     # ---- save -----------------------------------------------------------------------------------------------
     def _app_state(self, model, opt, sched) -> dict:
-        state = {"model": get_model_state_dict(model)}
+        state = {"model": get_model_state_dict(model, options=self.model_options)}
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
         if opt is not None:
             state["optim"] = get_optimizer_state_dict(model, opt)
         if sched is not None:
             state["sched"] = {"last_epoch": torch.tensor(sched.last_epoch)}
+        for name, (mod, mopt) in self.extras.items():
+            state[f"{name}_model"] = get_model_state_dict(mod)
+            state[f"{name}_optim"] = get_optimizer_state_dict(mod, mopt)
         return state
 
     def save(self, step: int, model, opt, sched, extra: dict, async_ok: bool = True) -> float:
@@ -167,9 +176,14 @@ class Checkpointer:
             msg = str(err).strip().splitlines()
             first = next((m for m in msg if "key" in m.lower() or "size" in m.lower()), msg[0] if msg else repr(err))
             raise CheckpointError(f"{path} does not fit this model/config: {first[:300]}") from None
-        set_model_state_dict(model, state["model"])
+        set_model_state_dict(model, state["model"], options=self.model_options)
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
         if opt is not None:
             set_optimizer_state_dict(model, opt, state["optim"])
+        for name, (mod, mopt) in self.extras.items():
+            set_model_state_dict(mod, state[f"{name}_model"])
+            set_optimizer_state_dict(mod, mopt, state[f"{name}_optim"])
         if sched is not None:
             sched.last_epoch = int(state["sched"]["last_epoch"])
             sched._last_lr = [g["lr"] for g in opt.param_groups]

@@ -151,6 +151,28 @@ class LogConfig:
 
 
 @dataclass(config=_STRICT)
+class LoraConfig:
+    enabled: bool = False
+    rank: int = 16
+    alpha: float = 16.0
+    dropout: float = 0.0
+    # attention and MLP linears inside the blocks (fluxtrain.lora.DEFAULT_TARGETS when empty)
+    targets: list[str] = field(default_factory=list)
+    init: Literal["gaussian", "kaiming"] = "gaussian"
+    base_dtype: Literal["fp32", "bf16"] = "fp32"
+
+
+@dataclass(config=_STRICT)
+class EmaConfig:
+    enabled: bool = False
+    decay: float = 0.9999
+    every: int = 1
+    warmup: bool = False
+    use_for_samples: bool = True
+    use_for_export: bool = True
+
+
+@dataclass(config=_STRICT)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -160,10 +182,13 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "optim": OptimConfig,
-            "parallel": ParallelConfig, "checkpoint": CheckpointConfig, "eval": EvalConfig, "log": LogConfig}
+            "parallel": ParallelConfig, "checkpoint": CheckpointConfig, "eval": EvalConfig, "log": LogConfig,
+            "lora": LoraConfig, "ema": EmaConfig}
 
 # The guide's train_flux1dev.py flags, mapped onto our keys. A flag with value None takes no argument.
 ALIASES: dict[str, tuple[str, Any]] = {
@@ -319,6 +344,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"parallel.shard_size must be ≥ 0 (got {p.shard_size})")
     if cfg.model.pretrained and not Path(cfg.model.pretrained).exists() and "://" not in cfg.model.pretrained:
         raise ConfigError(f"model.pretrained '{cfg.model.pretrained}' does not exist: give a diffusers folder or a .safetensors file")
+    if cfg.lora.enabled and cfg.lora.base_dtype == "bf16" and p.mixed_precision != "bf16":
+        raise ConfigError("lora.base_dtype = bf16 needs parallel.mixed_precision = bf16 (fp32 compute can't use a bf16 base)")
+    if cfg.lora.enabled and p.fp8:
+        raise ConfigError("lora.enabled with parallel.fp8 is not supported yet: turn one of them off")
+    if cfg.lora.enabled and cfg.lora.rank < 1:
+        raise ConfigError(f"lora.rank must be ≥ 1 (got {cfg.lora.rank})")
+    if not 0.0 < cfg.ema.decay < 1.0:
+        raise ConfigError(f"ema.decay must be in (0, 1) (got {cfg.ema.decay})")
     if t.inject_nan_at_step is not None and t.inject_nan_at_step < 1:
         raise ConfigError("train.inject_nan_at_step must be ≥ 1")
 

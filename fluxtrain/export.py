@@ -28,15 +28,39 @@ def load_checkpoint_model(ckpt: str | Path):
 
     ckpt = Path(ckpt)
     cfg = run_config_of(ckpt)
-    model = build_transformer(model_kwargs(cfg), device="cpu")
-    state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=str(ckpt))
-    model.load_state_dict(state["model"])
+    kw = model_kwargs(cfg)
+    model = build_transformer(kw, device="cpu")
+    if cfg.lora.enabled:  # the checkpoint holds adapters only: merge them into the base it references
+        from fluxtrain import lora
+        from fluxtrain.models.flux import iter_pretrained_state, random_init_state
+
+        base = (dict(iter_pretrained_state(cfg.model.pretrained, kw["num_attention_heads"] * kw["attention_head_dim"]))
+                if cfg.model.pretrained and cfg.model.load_transformer else dict(random_init_state(kw, cfg.train.seed)))
+        section = "ema" if cfg.ema.enabled and cfg.ema.use_for_export else "model"
+        adapters = lora.lora_state_from_checkpoint(ckpt, section)
+        model.load_state_dict(lora.merge_lora_state(base, adapters, cfg.lora.alpha, cfg.lora.rank))
+    else:
+        state = {"model": model.state_dict()}
+        dcp.load(state, checkpoint_id=str(ckpt))
+        model.load_state_dict(state["model"])
     try:
         folder = encoders_folder(cfg)
     except FileNotFoundError:  # no encoders/VAE to pair with: the export holds the transformer alone
         folder = None
     return model, cfg, folder
+
+
+def export_lora(ckpt: str | Path, out: str | Path, dtype: str = "bf16") -> Path:
+    """A LoRA run's adapters in the folder format FluxPipeline.load_lora_weights reads."""
+    from fluxtrain import lora
+
+    cfg = run_config_of(Path(ckpt))
+    if not cfg.lora.enabled:
+        raise C.ConfigError(f"{ckpt} is not a LoRA run (lora.enabled = false): export --format diffusers or bfl")
+    section = "ema" if cfg.ema.enabled and cfg.ema.use_for_export else "model"
+    meta = lora.lora_metadata(cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets or lora.DEFAULT_TARGETS)
+    return lora.write_lora(lora.lora_state_from_checkpoint(ckpt, section), out, meta,
+                           dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
 
 
 def export(ckpt: str | Path, fmt: str, out: str | Path, dtype: str = "bf16") -> Path:
@@ -69,9 +93,12 @@ def export(ckpt: str | Path, fmt: str, out: str | Path, dtype: str = "bf16") -> 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="fluxtrain export")
     ap.add_argument("--checkpoint", required=True)
-    ap.add_argument("--format", choices=["diffusers", "bfl"], default="diffusers")
+    ap.add_argument("--format", choices=["diffusers", "bfl", "lora"], default="diffusers",
+                    help="diffusers folder, BFL single file, or (LoRA runs) the adapters alone; LoRA runs export "
+                         "merged weights for diffusers/bfl")
     ap.add_argument("--out", required=True)
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     a = ap.parse_args(argv)
-    print(f"exported to {export(a.checkpoint, a.format, a.out, a.dtype)}")
+    out = export_lora(a.checkpoint, a.out, a.dtype) if a.format == "lora" else export(a.checkpoint, a.format, a.out, a.dtype)
+    print(f"exported to {out}")
     return 0

@@ -39,7 +39,7 @@ class ITCHead(nn.Module):
                                       nn.Linear(hidden, proj_dim))
         self.txt_proj = nn.Sequential(nn.LayerNorm(txt_dim), nn.Linear(txt_dim, hidden), nn.GELU(),
                                       nn.Linear(hidden, proj_dim))
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
+        self.logit_scale = nn.Parameter(torch.tensor([math.log(1.0 / temperature)]))  # 1-D: FSDP2 shards no scalars
         self.config = {"img_dim": img_dim, "txt_dim": txt_dim, "proj_dim": proj_dim, "temperature": temperature,
                        "hidden_dim": hidden}
 
@@ -51,7 +51,7 @@ class ITCHead(nn.Module):
         return F.normalize(zi.float(), dim=-1), F.normalize(zt.float(), dim=-1)
 
     def scale(self) -> torch.Tensor:
-        return self.logit_scale.float().clamp(max=math.log(100.0)).exp()
+        return self.logit_scale.float().clamp(max=math.log(100.0)).exp().squeeze()
 
     def no_weight_decay(self) -> list[str]:
         """Parameter names that should get weight_decay = 0 (temperature, norms, biases)."""
@@ -93,7 +93,7 @@ def itc_loss(head: ITCHead, img_feats: torch.Tensor, txt_feats: torch.Tensor, ga
     zi, zt = zi[v], zt[v]
     n = zi.shape[0]
     if n < 2:
-        return (zi.sum() + zt.sum() + head.logit_scale.float()) * 0.0
+        return (zi.sum() + zt.sum() + head.logit_scale.float().sum()) * 0.0
     logits = head.scale() * zi @ zt.t()  # [image i, text j]
     labels = torch.arange(n, device=logits.device)
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
@@ -175,3 +175,46 @@ def head_for(model: nn.Module, text_dim: int, proj_dim: int = 256, temperature: 
     pooled width = model.config.pooled_projection_dim for the pooled prompt embedding)."""
     c = model.config
     return ITCHead(c.num_attention_heads * c.attention_head_dim, text_dim, proj_dim, temperature)
+
+
+class ITCObjective:
+    """The trainer's side of ITC: a head sharded like the model, its own optimizer, and the auxiliary loss.
+
+    Image features come from a second forward of the same noisy latents with the *empty* prompt: on the
+    text-conditioned pass the head can match captions from text leaking through joint attention alone (held-out
+    ITC loss 1.32 on pure noise + caption vs 1.32 on image + empty prompt, 0.77 on image + caption).
+    """
+
+    def __init__(self, model: nn.Module, mesh, text_dim: int, weight: float, optim_cfg, total_steps: int,
+                 device: torch.device, block_index: int = -1):
+        from torch.distributed.fsdp import fully_shard
+
+        from fluxtrain.optim import build_optimizer, build_scheduler
+
+        self.weight = weight
+        self.capture = capture_block_output(model, block_index, kind="double")
+        self.capture.enabled = False
+        self.head = head_for(model, text_dim).to(device)
+        fully_shard(self.head, mesh=mesh)  # averages the head's gradients over ranks like the model's
+        self.opt = build_optimizer(self.head.parameters(), optim_cfg, device)
+        self.sched = build_scheduler(self.opt, total_steps, optim_cfg)
+
+    def loss(self, model, inputs: dict, empty_seq: torch.Tensor, empty_pooled: torch.Tensor,
+             pooled: torch.Tensor) -> torch.Tensor:
+        b = inputs["hidden_states"].shape[0]
+        uncond = dict(inputs, encoder_hidden_states=empty_seq.expand(b, -1, -1).to(inputs["encoder_hidden_states"].dtype),
+                      pooled_projections=empty_pooled.expand(b, -1).to(inputs["pooled_projections"].dtype),
+                      txt_ids=inputs["txt_ids"][: empty_seq.shape[1]])
+        self.capture.enabled = True
+        try:
+            model(**uncond)
+        finally:
+            self.capture.enabled = False
+        feats = pooled_image_features(self.capture.pop())
+        return self.weight * itc_loss(self.head, feats.float(), pooled.float(), gather=True)
+
+    def step(self) -> None:
+        torch.nn.utils.clip_grad_norm_([p for p in self.head.parameters() if p.grad is not None], 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.sched.step()

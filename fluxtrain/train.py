@@ -54,7 +54,7 @@ class Encoders:
 
 
 def forward_backward(model, enc: Encoders, batch: dict, cfg: C.Config, device, step: int, rank: int,
-                     loss_scale: float) -> torch.Tensor:
+                     loss_scale: float, itc=None) -> torch.Tensor:
     """One micro-batch: the model-specific part of training. Returns the (unscaled) loss."""
     tc = cfg.train
     pixels = batch["pixels"].to(device)
@@ -64,8 +64,10 @@ def forward_backward(model, enc: Encoders, batch: dict, cfg: C.Config, device, s
     seq_len = (lat_h // 2) * (lat_w // 2)
     post, eps, sigma, drop = sample_noise(batch["indices"], tc.seed, tuple(mean.shape[1:]), seq_len, tc,
                                           cfg.data.caption_dropout)
-    if any(drop):  # classifier-free guidance: the empty prompt's embeddings for dropped captions
+    caption_pooled = pooled
+    if any(drop) or itc is not None:
         e_seq, e_pooled = enc.text([""])
+    if any(drop):  # classifier-free guidance: the empty prompt's embeddings for dropped captions
         m = torch.tensor(drop, device=device)
         seq = torch.where(m[:, None, None], e_seq.expand_as(seq), seq)
         pooled = torch.where(m[:, None], e_pooled.expand_as(pooled), pooled)
@@ -74,21 +76,26 @@ def forward_backward(model, enc: Encoders, batch: dict, cfg: C.Config, device, s
     sigma = sigma.to(device)
     x_t = flow.noisy_input(x0, noise, sigma)
     guidance = cfg.model.guidance if model.config.guidance_embeds else None
-    pred = model(**flow.transformer_inputs(x_t, sigma, seq, pooled, lat_h, lat_w, guidance))[0]
+    inputs = flow.transformer_inputs(x_t, sigma, seq, pooled, lat_h, lat_w, guidance)
+    pred = model(**inputs)[0]
     loss = flow.flow_loss(pred, flow.target(x0, noise), sigma, tc.loss_weighting)
+    if itc is not None:  # auxiliary image-text contrastive loss (logged loss stays the flow loss)
+        (itc.loss(model, inputs, e_seq, e_pooled, caption_pooled) * loss_scale).backward(retain_graph=False)
     if tc.inject_nan_at_step == step and rank == tc.inject_nan_rank:
         loss = loss * float("nan")  # test hook: a NaN on one rank only
     (loss * loss_scale).backward()
     return loss.detach()
 
 
-def clip_and_step(model, opt, sched, max_norm: float, cfg: C.Config) -> tuple[float, bool]:
+def clip_and_step(model, opt, sched, max_norm: float, cfg: C.Config, ema=None, step: int = 0) -> tuple[float, bool]:
     """Clip over the sharded gradients; skip the step (on every rank alike: the norm is global) if non-finite."""
     norm = clip_grad_norm(model, max_norm)
     ok = math.isfinite(norm)
     if ok:
         opt.step()
         after_optimizer_step(model, cfg)
+        if ema is not None:
+            ema.update(model, step)
     opt.zero_grad(set_to_none=True)
     sched.step()
     return norm, ok
@@ -139,7 +146,20 @@ def _train(cfg: C.Config, D: pmesh.Dist, run_dir: Path, log) -> dict:
     opt = build_optimizer(model.parameters(), cfg.optim, D.device, offloaded=cfg.parallel.cpu_offload)
     sched = build_scheduler(opt, tc.steps, cfg.optim)
     data = build_loader(cfg, D.rank, D.world_size)
-    ckpt = Checkpointer(run_dir, cfg.checkpoint, D.rank, D.world_size, D.device, log)
+    ema = None
+    if cfg.ema.enabled:
+        from fluxtrain.ema import EMA
+
+        ema = EMA(model, cfg.ema.decay, cfg.ema.every, cfg.ema.warmup)
+    itc = None
+    if tc.itc_weight > 0:
+        from fluxtrain.itc import ITCObjective
+
+        itc = ITCObjective(model, D.mesh, model.config.pooled_projection_dim, tc.itc_weight, cfg.optim, tc.steps,
+                           D.device)
+    ckpt = Checkpointer(run_dir, cfg.checkpoint, D.rank, D.world_size, D.device, log,
+                        extras={"itc": (itc.head, itc.opt)} if itc else None, trainable_only=cfg.lora.enabled,
+                        ema=ema)
     start, counters = 0, {"nonfinite_total": 0, "samples_seen": 0}
     resume = find_resume(run_dir, cfg.checkpoint.resume)
     # a fresh start replaces an old metrics.jsonl; a resume appends to it
@@ -178,8 +198,10 @@ def _train(cfg: C.Config, D: pmesh.Dist, run_dir: Path, log) -> dict:
             data_wait += time.perf_counter() - t0
             # reduce-scatter only on the last micro-batch; earlier ones accumulate locally
             model.set_requires_gradient_sync(micro == tc.grad_accum - 1)
-            losses.append(forward_backward(model, enc, batch, cfg, D.device, step, D.rank, 1.0 / tc.grad_accum))
-        gnorm, ok = clip_and_step(model, opt, sched, cfg.optim.grad_clip, cfg)
+            losses.append(forward_backward(model, enc, batch, cfg, D.device, step, D.rank, 1.0 / tc.grad_accum, itc))
+        gnorm, ok = clip_and_step(model, opt, sched, cfg.optim.grad_clip, cfg, ema, step)
+        if itc is not None:
+            itc.step() if ok else itc.opt.zero_grad(set_to_none=True)
         loss_val = mean_over_ranks(torch.stack(losses).mean())
         counters["samples_seen"] += tc.batch_size * tc.grad_accum * D.world_size
         thr.add(tc.batch_size * tc.grad_accum * D.world_size, data_wait)
@@ -200,7 +222,7 @@ def _train(cfg: C.Config, D: pmesh.Dist, run_dir: Path, log) -> dict:
             metrics.log(step, row)
             progress.update(step, row)
         if cfg.eval.interval and step % cfg.eval.interval == 0:
-            _sample_grid(model, enc, cfg, run_dir, step, D, metrics)
+            _sample_grid(model, enc, cfg, run_dir, step, D, metrics, ema)
         _test_fault_hooks(step, D.rank)
         # a signal may reach one rank only (Slurm, kill): agree on it so every rank saves and exits together
         stopping = _any_rank(stop["signal"] is not None)
@@ -216,7 +238,11 @@ def _train(cfg: C.Config, D: pmesh.Dist, run_dir: Path, log) -> dict:
     prof.close()
     ckpt.wait()
     if not stopping and (not cfg.eval.interval or tc.steps % cfg.eval.interval):
-        _sample_grid(model, enc, cfg, run_dir, tc.steps, D, metrics)
+        _sample_grid(model, enc, cfg, run_dir, tc.steps, D, metrics, ema)
+    if cfg.lora.enabled and not stopping:  # the adapters in the format FluxPipeline.load_lora_weights reads
+        from fluxtrain import lora
+
+        lora.save_lora(model, run_dir / "lora", ema=ema if cfg.ema.use_for_export else None)
     progress.close()
     metrics.close()
     return {"step": step, "loss": loss_val, "grad_norm": gnorm, "preempted": stopping}
@@ -246,13 +272,22 @@ def _reshard_data_state(state: dict) -> dict:
     return {k: v for k, v in state.items() if k in ("pos", "skipped", "epoch")}
 
 
-def _sample_grid(model, enc, cfg, run_dir: Path, step: int, D, metrics) -> None:
+def _sample_grid(model, enc, cfg, run_dir: Path, step: int, D, metrics, ema=None) -> None:
     """All ranks run the (sharded) transformer; rank 0 decodes and writes samples/step-N.png."""
+    import contextlib
+
     from fluxtrain.eval.grid import generate, save_grid
+    from fluxtrain.lora import reshard
 
     model.eval()
-    images = generate(model, enc.text, enc.vae, cfg.eval.prompts, cfg.data.resolution, steps=cfg.eval.num_inference_steps,
-                      guidance=cfg.model.guidance if model.config.guidance_embeds else None, seed=cfg.eval.seed)
+    weights = ema.swap_into(model) if ema is not None and cfg.ema.use_for_samples else contextlib.nullcontext()
+    with weights:
+        images = generate(model, enc.text, enc.vae, cfg.eval.prompts, cfg.data.resolution,
+                          steps=cfg.eval.num_inference_steps,
+                          guidance=cfg.model.guidance if model.config.guidance_embeds else None, seed=cfg.eval.seed)
+    # a forward without backward leaves the root and last block gathered: shard them again before the optimizer
+    # or a checkpoint looks at the parameters
+    reshard(model)
     model.train()
     if D.is_main:
         out = run_dir / "samples" / f"step-{step:08d}.png"

@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 
 from fluxtrain.config import Config
-from fluxtrain.models.flux import (build_transformer, init_weights, iter_pretrained_state, load_state_into,
-                                   pretrained_kwargs)
+from fluxtrain.models.flux import (build_transformer, iter_pretrained_state, load_state_into, pretrained_kwargs,
+                                   random_init_state)
 from fluxtrain.models.presets import transformer_kwargs
 from fluxtrain.parallel import parallelize
 
@@ -37,12 +37,23 @@ def build_training_model(cfg: Config, mesh, device: torch.device) -> torch.nn.Mo
     """No rank ever holds the full model: params are created on meta, sharded, then allocated shard by shard."""
     kw = model_kwargs(cfg)
     model = build_transformer(kw, device="meta")
+    lc = cfg.lora
+    if lc.enabled:  # adapters are injected on meta, before sharding, so FSDP wraps them with their block
+        from fluxtrain import lora
+
+        lora.apply_lora(model, lc.rank, lc.alpha, lc.dropout, lc.targets or lora.DEFAULT_TARGETS, lc.init,
+                        None if lc.base_dtype == "fp32" else lc.base_dtype)
     parallelize(model, mesh, cfg)
     offload = cfg.parallel.cpu_offload
     model.to_empty(device="cpu" if offload else device)
     if cfg.model.pretrained and cfg.model.load_transformer:
         inner = kw["num_attention_heads"] * kw["attention_head_dim"]
-        load_state_into(model, iter_pretrained_state(cfg.model.pretrained, inner))
+        items = iter_pretrained_state(cfg.model.pretrained, inner)
     else:
-        init_weights(model, kw, seed=cfg.train.seed, device=device)
+        items = random_init_state(kw, cfg.train.seed, device)
+    if lc.enabled:
+        lora.load_base_into(model, items)
+        lora.init_lora_weights(model, seed=cfg.train.seed)
+    else:
+        load_state_into(model, items)
     return model
