@@ -33,8 +33,9 @@ def env(**extra) -> dict:
 
 def torchrun(nproc: int, args: list[str], timeout: int = 600, extra_env: dict | None = None,
              torchrun_args: list[str] | None = None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", *(torchrun_args or []), *args]
+    extra = list(torchrun_args or [])
+    where = [] if any(a.startswith("--rdzv") for a in extra) else ["--master_addr=127.0.0.1", f"--master_port={free_port()}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", *where, *extra, *args]
     return subprocess.run(cmd, cwd=ROOT, env=env(**(extra_env or {})), capture_output=True, text=True,
                           timeout=timeout)
 

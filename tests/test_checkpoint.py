@@ -37,7 +37,9 @@ def test_sigkill_then_same_command_resumes_bitwise(reference, tmp_path):
 
 
 def test_torchrun_max_restarts_recovers_a_killed_rank(reference, tmp_path):
-    res = torchrun(2, _train_args(tmp_path), torchrun_args=["--max-restarts", "1"],
+    # elastic restarts go through a c10d rendezvous (as deploy/slurm does): the static one reuses stale addresses
+    rdzv = ["--max-restarts", "1", "--rdzv-backend", "c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}"]
+    res = torchrun(2, _train_args(tmp_path), torchrun_args=rdzv,
                    extra_env={"FLUXTRAIN_TEST_KILL_AT_STEP": "12", "FLUXTRAIN_TEST_FAULT_RANK": "1"})
     assert res.returncode == 0, res.stderr[-4000:]
     ref, got = losses(reference), losses(tmp_path)

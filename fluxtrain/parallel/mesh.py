@@ -107,11 +107,24 @@ def init(cfg: Config) -> Dist:
     backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
     owns = not dist.is_initialized()
     if owns:
-        dist.init_process_group(backend, rank=e["rank"], world_size=e["world_size"],
+        dist.init_process_group(backend, rank=e["rank"], world_size=e["world_size"], store=_attempt_store(e),
                                 timeout=datetime.timedelta(seconds=cfg.parallel.nccl_timeout_s),
                                 device_id=device if device.type == "cuda" else None)
     mesh = build_mesh(cfg, device.type, e["world_size"], e["local_world_size"])
     return Dist(device=device, mesh=mesh, owns_group=owns, **e)
+
+
+def _attempt_store(e: dict):
+    """Under torchrun restarts (--max-restarts) the rendezvous store outlives the failed attempt and still holds its
+    workers' addresses; a prefix per attempt keeps the new group from dialling dead peers."""
+    count = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if not count or count == "0":
+        return None
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), e["world_size"],
+                          is_master=not agent and e["rank"] == 0, timeout=datetime.timedelta(seconds=300),
+                          wait_for_workers=False)
+    return dist.PrefixStore(f"fluxtrain/attempt-{count}", store)
 
 
 def build_mesh(cfg: Config, device_type: str, world: int, local_world: int) -> DeviceMesh:
