@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
@@ -172,9 +173,11 @@ class Checkpointer:
         state = self._app_state(model, opt, sched)
         try:
             dcp.load(state, checkpoint_id=str(path))
-        except Exception as err:  # DCP names the missing/mismatched key in its message
-            msg = str(err).strip().splitlines()
-            first = next((m for m in msg if "key" in m.lower() or "size" in m.lower()), msg[0] if msg else repr(err))
+        except (Exception, CheckpointException) as err:  # DCP's exception is a BaseException; it names the key
+            msg = [m.strip() for m in str(err).strip().splitlines()]
+            first = next((m for m in reversed(msg) if m.startswith(("RuntimeError:", "ValueError:", "KeyError:"))
+                          or "Missing key" in m or "ize mismatch" in m), msg[-1] if msg else repr(err))
+            first = first.split(": ", 1)[1] if first.startswith(("RuntimeError:", "ValueError:", "KeyError:")) else first
             raise CheckpointError(f"{path} does not fit this model/config: {first[:300]}") from None
         set_model_state_dict(model, state["model"], options=self.model_options)
         if self.ema is not None:
