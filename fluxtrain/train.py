@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import signal
 import time
@@ -42,31 +43,66 @@ def sample_noise(indices: torch.Tensor, seed: int, lat_shape, image_seq_len: int
 
 
 class Encoders:
-    """Frozen encoders on this rank's device: prompts → (T5 seq, CLIP pooled), images → latents."""
+    """Frozen encoders on this rank's device: prompts → (T5 seq, CLIP pooled), images → latents.
 
-    def __init__(self, cfg: C.Config, device: torch.device):
+    With `data.source = cache` the batches already hold latents and embeddings: the encoders are then loaded only
+    when a sample grid needs them, and the empty prompt comes from the cache."""
+
+    def __init__(self, cfg: C.Config, device: torch.device, data=None):
+        self.cfg, self.device = cfg, device
+        self.cache = data if cfg.data.source == "cache" else None
+        self._text = self._vae = None
+        vae_cfg = json.loads((encoders_folder(cfg) / "vae" / "config.json").read_text())
+        self.downsample = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+        if self.cache is None:
+            self._load()
+
+    def _load(self) -> None:
         from fluxtrain.models.encoders import Autoencoder, TextEncoders
 
-        folder = encoders_folder(cfg)
-        dt = torch.bfloat16 if (device.type == "cuda" and cfg.parallel.mixed_precision == "bf16") else torch.float32
-        self.text = TextEncoders(folder, max_tokens=cfg.model.max_text_tokens, dtype=dt).to(device)
-        self.vae = Autoencoder(folder, dtype=dt).to(device)
+        folder, dev = encoders_folder(self.cfg), self.device
+        dt = torch.bfloat16 if (dev.type == "cuda" and self.cfg.parallel.mixed_precision == "bf16") else torch.float32
+        self._text = TextEncoders(folder, max_tokens=self.cfg.model.max_text_tokens, dtype=dt).to(dev)
+        self._vae = Autoencoder(folder, dtype=dt).to(dev)
+
+    @property
+    def text(self):
+        if self._text is None:
+            self._load()
+        return self._text
+
+    @property
+    def vae(self):
+        if self._vae is None:
+            self._load()
+        return self._vae
+
+    def inputs(self, batch: dict) -> tuple[torch.Tensor, ...]:
+        """(latent mean, latent std, T5 seq, CLIP pooled) of a batch, from the cache or the encoders."""
+        if "latent_mean" in batch:
+            return tuple(batch[k].to(self.device).float() for k in ("latent_mean", "latent_std", "seq", "pooled"))
+        seq, pooled = self.text(batch["captions"])
+        mean, std = self.vae.moments(batch["pixels"].to(self.device))
+        return mean, std, seq, pooled
+
+    def empty(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cache is not None:
+            return tuple(t.to(self.device).float() for t in self.cache.empty_prompt())
+        return self.text([""])
 
 
 def forward_backward(model, enc: Encoders, batch: dict, cfg: C.Config, device, step: int, rank: int,
                      loss_scale: float, itc=None) -> torch.Tensor:
     """One micro-batch: the model-specific part of training. Returns the (unscaled) loss."""
     tc = cfg.train
-    pixels = batch["pixels"].to(device)
-    seq, pooled = enc.text(batch["captions"])
-    mean, std = enc.vae.moments(pixels)
+    mean, std, seq, pooled = enc.inputs(batch)
     lat_h, lat_w = mean.shape[-2:]
     seq_len = (lat_h // 2) * (lat_w // 2)
     post, eps, sigma, drop = sample_noise(batch["indices"], tc.seed, tuple(mean.shape[1:]), seq_len, tc,
                                           cfg.data.caption_dropout)
     caption_pooled = pooled
     if any(drop) or itc is not None:
-        e_seq, e_pooled = enc.text([""])
+        e_seq, e_pooled = enc.empty()
     if any(drop):  # classifier-free guidance: the empty prompt's embeddings for dropped captions
         m = torch.tensor(drop, device=device)
         seq = torch.where(m[:, None, None], e_seq.expand_as(seq), seq)
@@ -142,10 +178,10 @@ def _train(cfg: C.Config, D: pmesh.Dist, run_dir: Path, log) -> dict:
     log.info(f"world {D.world_size} on {D.device}, {cfg.parallel.strategy}, {cfg.parallel.mixed_precision}, "
              f"AC {cfg.parallel.activation_checkpointing}, offload {cfg.parallel.cpu_offload}")
     model = build_training_model(cfg, D.mesh, D.device)
-    enc = Encoders(cfg, D.device)
     opt = build_optimizer(model.parameters(), cfg.optim, D.device, offloaded=cfg.parallel.cpu_offload)
     sched = build_scheduler(opt, tc.steps, cfg.optim)
     data = build_loader(cfg, D.rank, D.world_size)
+    enc = Encoders(cfg, D.device, data)
     ema = None
     if cfg.ema.enabled:
         from fluxtrain.ema import EMA
@@ -182,7 +218,7 @@ def _train(cfg: C.Config, D: pmesh.Dist, run_dir: Path, log) -> dict:
         signal.signal(s, lambda num, _f: stop.update(signal=num))
 
     prof = StepProfiler(cfg.log, run_dir, D.rank, start_step=start)
-    lat = cfg.data.resolution // enc.vae.downsample
+    lat = cfg.data.resolution // enc.downsample
     tokens = (lat // 2) ** 2 + cfg.model.max_text_tokens
     thr = Throughput(flux_flops_per_sample(model_kwargs(cfg), (lat // 2) ** 2, cfg.model.max_text_tokens),
                      tokens, D.world_size, D.device)
