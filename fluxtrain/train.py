@@ -317,10 +317,23 @@ def _sample_grid(model, enc, cfg, run_dir: Path, step: int, D, metrics, ema=None
 
     model.eval()
     weights = ema.swap_into(model) if ema is not None and cfg.ema.use_for_samples else contextlib.nullcontext()
+    guidance = cfg.model.guidance if model.config.guidance_embeds else None
     with weights:
         images = generate(model, enc.text, enc.vae, cfg.eval.prompts, cfg.data.resolution,
-                          steps=cfg.eval.num_inference_steps,
-                          guidance=cfg.model.guidance if model.config.guidance_embeds else None, seed=cfg.eval.seed)
+                          steps=cfg.eval.num_inference_steps, guidance=guidance, seed=cfg.eval.seed)
+        if cfg.eval.adherence_prompts:  # prompt following on the first N held-out prompts of each split
+            from fluxtrain.data.prompts import read_prompts
+            from fluxtrain.eval.evaluate import adherence
+
+            folder = Path(__file__).resolve().parent / "eval" / "prompts"
+            n = cfg.eval.adherence_prompts
+            prompts = read_prompts(folder / "simple.txt")[:n] + read_prompts(folder / "complex.txt")[:n]
+            score = adherence(model, enc.text, enc.vae, prompts, cfg.data.resolution, cfg.eval.num_inference_steps,
+                              guidance, cfg.eval.seed, score=D.is_main)
+            if D.is_main:
+                metrics.event(step, "eval", adherence=score["overall"], n=score["n"],
+                              adherence_simple=score["per_split"].get("simple", {}).get("pass"),
+                              adherence_complex=score["per_split"].get("complex", {}).get("pass"))
     # a forward without backward leaves the root and last block gathered: shard them again before the optimizer
     # or a checkpoint looks at the parameters
     reshard(model)

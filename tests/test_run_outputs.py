@@ -10,7 +10,7 @@ FIELDS = {"step", "loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "t
 
 def test_run_directory(tmp_path):
     res = fluxtrain(["train", "--config", "configs/tiny.toml", *FAST, "--train.steps", "3", "--log.trackers",
-                     '["tensorboard"]', "--train.output_dir", str(tmp_path)])
+                     '["tensorboard"]', "--train.output_dir", str(tmp_path), "--eval.adherence_prompts", "2"])
     assert res.returncode == 0, res.stderr[-3000:]
     cfg = tomllib.loads((tmp_path / "config.toml").read_text())
     assert cfg["train"]["steps"] == 3
@@ -21,6 +21,8 @@ def test_run_directory(tmp_path):
     assert rows[-1]["samples_per_s"] > 0 and rows[-1]["tflops_per_gpu"] > 0
     assert any(r.get("event") == "checkpoint" for r in metrics(tmp_path))
     assert (tmp_path / "samples" / "step-00000003.png").is_file()
+    ev = [r for r in metrics(tmp_path) if r.get("event") == "eval"]
+    assert len(ev) == 1 and ev[0]["n"] == 4 and 0.0 <= ev[0]["adherence"] <= 1.0
     assert "rank 0" in (tmp_path / "logs" / "rank-0.log").read_text()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
