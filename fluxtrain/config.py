@@ -343,6 +343,11 @@ def validate(cfg: Config) -> None:
     if p.shard_size < 0:
         raise ConfigError(f"parallel.shard_size must be ≥ 0 (got {p.shard_size})")
     if cfg.model.pretrained and not Path(cfg.model.pretrained).exists() and "://" not in cfg.model.pretrained:
+        # paths inside the package (the shipped tiny folder) also resolve outside the repo and from an installed wheel
+        shipped = Path(__file__).resolve().parent.parent / cfg.model.pretrained
+        if shipped.exists():
+            cfg.model.pretrained = str(shipped)
+    if cfg.model.pretrained and not Path(cfg.model.pretrained).exists() and "://" not in cfg.model.pretrained:
         raise ConfigError(f"model.pretrained '{cfg.model.pretrained}' does not exist: give a diffusers folder or a .safetensors file")
     if cfg.lora.enabled and cfg.lora.base_dtype == "bf16" and p.mixed_precision != "bf16":
         raise ConfigError("lora.base_dtype = bf16 needs parallel.mixed_precision = bf16 (fp32 compute can't use a bf16 base)")

@@ -73,3 +73,14 @@ def test_accelerate_fsdp2_reshard_flag_wins_over_default_strategy():
     env = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_SHARDING_STRATEGY": "FULL_SHARD",
            "FSDP_RESHARD_AFTER_FORWARD": "false"}
     assert C.load(None, accelerate_overrides(env)).parallel.strategy == "SHARD_GRAD_OP"
+
+
+def test_shipped_tiny_folder_resolves_from_any_directory(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    cfg_file = Path("configs/tiny.toml").resolve()
+    monkeypatch.chdir(tmp_path)
+    cfg = C.load(cfg_file)
+    assert Path(cfg.model.pretrained).is_absolute() and (Path(cfg.model.pretrained) / "model_index.json").is_file()
+    with pytest.raises(C.ConfigError, match="does not exist"):
+        C.load(cfg_file, ["--model.pretrained", "no/such/folder"])
