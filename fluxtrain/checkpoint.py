@@ -201,7 +201,3 @@ class Checkpointer:
             extra["resharded"] = True
         return extra
 
-
-def full_state_dict(model) -> dict[str, torch.Tensor]:
-    """The unsharded model state on CPU (every rank gets it; use for small models and tests)."""
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

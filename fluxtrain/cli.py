@@ -60,9 +60,8 @@ def _accelerate_overrides() -> list[str]:
 def _spawn_torchrun(nproc: int, argv: list[str]) -> int:
     import subprocess
 
-    args = [a for a in argv]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "fluxtrain", "train", *_strip_nproc(args)]
+           "-m", "fluxtrain", "train", *_strip_nproc(argv)]
     return subprocess.call(cmd)
 
 

@@ -85,7 +85,7 @@ class MetricsWriter:
             return
         self.file.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
         for k, v in values.items():
-            if isinstance(v, (int, float)) and v is not None and not isinstance(v, bool):
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
                 if self.tb:
                     self.tb.add_scalar(f"train/{k}", v, step)
         if self.wandb:

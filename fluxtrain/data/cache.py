@@ -110,7 +110,7 @@ def _samples(cfg: C.Config, unit, skipped: dict):
 
 
 def _encode(enc, arrays: list[np.ndarray], captions: list[str], device) -> dict[str, torch.Tensor]:
-    from fluxtrain.data.webdataset import u8_to_pixels
+    from fluxtrain.data.loader import u8_to_pixels
 
     pixels = u8_to_pixels(torch.from_numpy(np.stack(arrays))).to(device)
     mean, std = enc.vae.moments(pixels)

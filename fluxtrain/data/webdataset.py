@@ -55,6 +55,7 @@ from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 from fluxtrain.config import Config, ConfigError
+from fluxtrain.data.loader import u8_to_pixels
 
 log = logging.getLogger("fluxtrain")
 
@@ -253,11 +254,6 @@ def decode_sample(raw: dict, buckets: list[tuple[int, int]]):
     if out is None:
         return ("bad", "too_small", f"{img.width}x{img.height} < {bw}x{bh}")
     return ("ok", b, np.asarray(out, dtype=np.uint8), caption)
-
-
-def u8_to_pixels(u8: torch.Tensor) -> torch.Tensor:
-    """[B, H, W, 3] uint8 → [B, 3, H, W] float in [-1, 1] (same values as loader.to_pixels)."""
-    return u8.permute(0, 3, 1, 2).contiguous().float().div_(127.5).sub_(1.0)  # uint8 transpose: 100× faster
 
 
 # ---------------------------------------------------------------------------------------------- one slot's stream

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
@@ -48,6 +47,3 @@ def save_grid(images: list[Image.Image], captions: list[str] | None, out: str | 
     grid.save(out)
     return out
 
-
-def to_numpy(im: Image.Image) -> np.ndarray:
-    return np.asarray(im.convert("RGB"))

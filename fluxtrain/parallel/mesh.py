@@ -32,11 +32,6 @@ class Dist:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    @property
-    def dp_mesh(self) -> DeviceMesh:
-        """The mesh FSDP shards over (2-D replicate × shard for HYBRID_SHARD)."""
-        return self.mesh
-
 
 def _free_port() -> int:
     with socket.socket() as s:
