@@ -4,7 +4,8 @@
         --variants "ac=full" "ac=full,compile=1" "ac=selective,ac_every=2" "ac=none,compile=1"
 
 Each variant is `key=value` pairs over: ac (none|full|selective), ac_every, ac_ops, compile (0|1), strategy,
-offload (0|1), mp (bf16|fp32), attn (flash|efficient|cudnn|math|auto), fp8 (0|1), batch, prefetch. All variants run in
+offload (0|1), mp (bf16|fp32), attn (flash|efficient|cudnn|math|auto), fp8 (0|1), batch, prefetch,
+lora (rank; frozen bf16 base). All variants run in
 one process launch (model rebuilt per variant, on the meta device, random weights), so rows compare on one machine.
 Inputs are random latents and text embeddings (frozen encoders are off the hot path: `data.source = cache`).
 MFU uses the analytic FLUX FLOPs (fluxtrain.metrics.flux_flops_per_sample) and the 989 TFLOP/s H100/H200 peak.
@@ -47,6 +48,8 @@ def variant_config(base: list[str], spec: dict) -> C.Config:
          "mp": "parallel.mixed_precision", "batch": "train.batch_size", "prefetch": "parallel.forward_prefetch", "bprefetch": "parallel.backward_prefetch",
          "reshard_last": "parallel.reshard_last_block", "fp8": "parallel.fp8"}
     for k, v in spec.items():
+        if k == "lora":  # LoRA of this rank on a frozen bf16 base
+            ov += ["--lora.enabled", "true", "--lora.rank", v, "--lora.alpha", v, "--lora.base_dtype", "bf16"]
         if k in m:
             v = {"0": "false", "1": "true"}.get(v, v) if k in ("compile", "offload", "ac_ops", "reshard_last", "fp8") else v
             ov += [f"--{m[k]}", v]

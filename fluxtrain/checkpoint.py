@@ -1,23 +1,38 @@
-"""Sharded checkpoints with torch.distributed.checkpoint (DCP): atomic publish, retention, resume, async save.
+"""Sharded checkpoints with torch.distributed.checkpoint (DCP): publish, retention, resume, async save.
 
-Layout of `checkpoints/step-00000010/`: DCP files (model + optimizer + LR scheduler, resharded on load), and per rank
+Layout of `checkpoints/step-00000010/`: DCP files (model + optimizer + LR scheduler, resharded on load), per rank
 `rank-N.json` (step, data position, counters) and `rng-N.safetensors` (torch CPU/CUDA, numpy, python RNG states) —
-plain data, nothing unpickled. A checkpoint is written under `.tmp-step-…` and renamed when every rank is done, so
+plain data, nothing unpickled — and the run's `config.toml`. `checkpoint.dir` is a local folder or an fsspec URL
+(`s3://bucket/run/checkpoints`); every rank writes its own files. A checkpoint counts once rank 0 has written its
+`COMPLETE` marker, after every rank is done: a local checkpoint is first written under `.tmp-step-…` and renamed;
+object stores have no rename, so there it is written in place and the marker, written last, publishes it. Either way
 a crash mid-save never leaves a checkpoint that `resume = auto` would pick.
+
+An async save copies the state off the device ("staging"), then writes it on a thread. With background staging
+(`checkpoint.staging`, on by default on CUDA) the copy into pinned host memory runs on a thread too, overlapping the
+next step's forward/backward: `staged()` must be called before the optimizer changes the weights.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import posixpath
 import random
-import shutil
 import time
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
@@ -31,27 +46,76 @@ class CheckpointError(RuntimeError):
     pass
 
 
-def step_dir(root: Path, step: int) -> Path:
-    return root / f"step-{step:08d}"
+def is_url(loc) -> bool:
+    return "://" in str(loc)
 
 
-def complete_checkpoints(root: Path) -> list[Path]:
-    if not root.is_dir():
+def _fs(loc):
+    """(fsspec filesystem, path without protocol) of a local path or URL."""
+    from fsspec.core import url_to_fs
+
+    return url_to_fs(str(loc))
+
+
+def checkpoint_root(run_dir: str | Path, ckpt_dir: str = "") -> Path | str:
+    """Where a run's checkpoints live: `checkpoint.dir` (a local folder or URL), else <output_dir>/checkpoints."""
+    if not ckpt_dir:
+        return Path(run_dir) / "checkpoints"
+    return ckpt_dir.rstrip("/") if is_url(ckpt_dir) else Path(ckpt_dir)
+
+
+def _reason(err: BaseException) -> str:
+    """What went wrong, in one line; DCP's CheckpointException is unwrapped to the first failing rank's error."""
+    if isinstance(err, CheckpointException) and err.failures:
+        rank, (exc, _) = next(iter(err.failures.items()))
+        return f"rank {rank}: {_reason(exc)}"
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+@contextlib.contextmanager
+def _storage(what: str, where, fix: str = ""):
+    """Storage failures as one CheckpointError line: what failed, why, and what to do about it."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (Exception, CheckpointException) as err:  # DCP's exception is a BaseException
+        fix = fix or ("check the URL, the credentials and endpoint (AWS_* variables for s3://)" if is_url(where)
+                      else "free space or fix permissions")
+        raise CheckpointError(f"{what}: {_reason(err)}; {fix}") from err
+
+
+def _complete(fs, path: str) -> list[str]:
+    fs.invalidate_cache()  # other ranks and runs write here: any cached listing may be stale
+    if not fs.exists(path):
         return []
-    return sorted(p for p in root.glob("step-*") if (p / DONE).is_file())
+    # ls, not glob: a folder name with [ or * in it stays a name
+    return sorted(p for p in fs.ls(path, detail=False)
+                  if posixpath.basename(p).startswith("step-") and fs.isfile(f"{p}/{DONE}"))
 
 
-def find_resume(run_dir: Path, resume: str) -> Path | None:
+def complete_checkpoints(root: Path | str) -> list[Path | str]:
+    """Published checkpoints under a local folder (as Paths) or URL (as URLs), oldest first."""
+    fs, path = _fs(root)
+    with _storage(f"cannot list checkpoints in {root}", root):
+        done = _complete(fs, path)
+    return [fs.unstrip_protocol(p) if is_url(root) else Path(p) for p in done]
+
+
+def find_resume(run_dir: str | Path, resume: str, ckpt_dir: str = "") -> Path | str | None:
     if resume == "never":
         return None
     if resume == "auto":
-        done = complete_checkpoints(run_dir / "checkpoints")
+        done = complete_checkpoints(checkpoint_root(run_dir, ckpt_dir))
         return done[-1] if done else None
-    p = Path(resume)
-    if not (p / DONE).is_file():
+    fs, path = _fs(resume)
+    with _storage(f"checkpoint.resume = {resume}: cannot read it", resume):
+        ok = fs.isfile(f"{path.rstrip('/')}/{DONE}")
+    if not ok:
         raise CheckpointError(f"checkpoint.resume = {resume}: not a complete checkpoint (no {DONE} marker); "
                               "give a checkpoints/step-XXXXXXXX folder or 'auto'")
-    return p
+    return resume.rstrip("/") if is_url(resume) else Path(resume)
 
 
 def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
@@ -83,17 +147,34 @@ def _set_rng_state(st: dict[str, torch.Tensor], device: torch.device) -> None:
         torch.cuda.set_rng_state(st["cuda"], device)
 
 
+@dataclass
+class _Save:
+    """An async save in flight."""
+    step: int
+    target: str  # where DCP writes, without protocol (a local checkpoint's .tmp folder)
+    where: str  # the same as DCP and the user see it (a URL for object stores)
+    upload: Future
+    staging: Future | None = None  # background staging: done once the state has been copied off the device
+    stager: Any = None
+    stall: float = 0.0  # seconds training waited for this save so far
+
+
 class Checkpointer:
     def __init__(self, run_dir: str | Path, cfg: CheckpointConfig, rank: int, world_size: int, device: torch.device,
-                 log=None, extras: dict | None = None, trainable_only: bool = False, ema=None):
-        self.root = Path(run_dir) / "checkpoints"
+                 log=None, extras: dict | None = None, trainable_only: bool = False, ema=None, metrics=None):
+        self.run_dir = Path(run_dir)
+        self.root = checkpoint_root(run_dir, cfg.dir)
+        self.url = is_url(self.root)
+        self.fs, self.path = _fs(self.root)
         self.cfg, self.rank, self.world, self.device = cfg, rank, world_size, device
-        self.log = log
+        self.log, self.metrics = log, metrics
         # LoRA: frozen base weights are not saved (the checkpoint references the base through config.toml)
         self.model_options = StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only)
         self.ema = ema
         self.extras = extras or {}  # name → (module, optimizer) saved beside the model (e.g. the ITC head)
-        self.pending = None  # (future, tmp, final) of an async save in flight
+        self.background = cfg.async_save and (cfg.staging == "background" or
+                                              (cfg.staging == "auto" and device.type == "cuda"))
+        self.pending: _Save | None = None
         # async saves finish their collectives in a background thread: on a group of their own, so they never
         # interleave with the training step's collectives on the default group (that deadlocks gloo)
         self.group = dist.new_group(backend="gloo") if cfg.async_save else None
@@ -112,62 +193,126 @@ class Checkpointer:
             state[f"{name}_optim"] = get_optimizer_state_dict(mod, mopt)
         return state
 
-    def save(self, step: int, model, opt, sched, extra: dict, async_ok: bool = True) -> float:
-        """Save; returns the seconds training was stalled. The previous async save is finished first."""
+    def save(self, step: int, model, opt, sched, extra: dict, async_ok: bool = True) -> None:
+        """Save the state after `step`, finishing the previous async save first. The seconds training waited go to
+        a `checkpoint` metrics event once known: at once, or with background staging when `staged()` returns."""
         t0 = time.perf_counter()
         self.wait()
-        final = step_dir(self.root, step)
-        tmp = self.root / f".tmp-step-{step:08d}"
+        name = f"step-{step:08d}"
+        target = f"{self.path}/{name}" if self.url else f"{self.path}/.tmp-{name}"
+        where = self.fs.unstrip_protocol(target) if self.url else target
+        what = f"rank {self.rank}: cannot write checkpoint {where} (the last complete checkpoint is kept)"
         if self.rank == 0:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
+            with _storage(what, where):
+                self._remove(target)  # a leftover of an interrupted save of this step
+                if not self.url:
+                    self.fs.makedirs(target)
         dist.barrier()
-        try:
-            (tmp / f"rank-{self.rank}.json").write_text(json.dumps({"step": step, "world_size": self.world, **extra}))
-            from safetensors.torch import save_file
-
-            save_file(_rng_state(self.device), str(tmp / f"rng-{self.rank}.safetensors"))
+        with _storage(what, where):
+            with self.fs.open(f"{target}/rank-{self.rank}.json", "wb") as f:
+                f.write(json.dumps({"step": step, "world_size": self.world, **extra}).encode())
+            with self.fs.open(f"{target}/rng-{self.rank}.safetensors", "wb") as f:
+                f.write(save_tensors(_rng_state(self.device)))
             state = self._app_state(model, opt, sched)
+            # object stores: durable once a file is closed (DCP's fsync fallback would sync the whole local disk)
+            writer = FsspecWriter(where, sync_files=False) if self.url else None
             if async_ok and self.cfg.async_save:
-                fut = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.group)
-                self.pending = (fut, tmp, final, step)
+                self.pending = self._start(state, step, target, where, writer)
             else:
-                dcp.save(state, checkpoint_id=str(tmp))
-                self._publish(tmp, final, step)
-        except OSError as err:
-            raise CheckpointError(f"rank {self.rank}: cannot write checkpoint to {tmp}: {err.strerror or err}; "
-                                  f"free space or fix permissions — the last complete checkpoint is kept") from err
-        return time.perf_counter() - t0
+                dcp.save(state, checkpoint_id=where, storage_writer=writer)
+        if self.pending is None:
+            self._publish(target, step)
+        stall = time.perf_counter() - t0
+        if self.pending is not None and self.pending.staging is not None:
+            self.pending.stall = stall
+        else:
+            self._stalled(step, stall)
+
+    def _start(self, state: dict, step: int, target: str, where: str, writer) -> _Save:
+        if not self.background:  # DCP's default: a pageable host copy, made before async_save returns
+            fut = dcp.async_save(state, checkpoint_id=where, storage_writer=writer, process_group=self.group)
+            return _Save(step, target, where, fut)
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+        cuda = self.device.type == "cuda"
+        if cuda:  # the stager copies on a stream of its own, which does not wait for the optimizer's kernels
+            torch.cuda.current_stream(self.device).synchronize()
+        # a stager per save: torch 2.11's clears its copy tables after staging once and can't stage again
+        stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False, use_async_staging=True,
+                                              use_non_blocking_copy=cuda))
+        res = dcp.async_save(state, checkpoint_id=where, storage_writer=writer, process_group=self.group,
+                             async_stager=stager)
+        return _Save(step, target, where, res.upload_completion, res.staging_completion, stager)
+
+    def staged(self) -> None:
+        """Block until the async save in flight holds its own copy of the state; call it before anything changes
+        weights or optimizer state (the optimizer step)."""
+        p = self.pending
+        if p is None or p.staging is None:
+            return
+        t0 = time.perf_counter()
+        with _storage(f"rank {self.rank}: cannot copy checkpoint step {p.step} to host memory", p.where,
+                      "free host memory or set checkpoint.staging = sync"):
+            p.staging.result()
+        p.staging = None
+        self._stalled(p.step, p.stall + time.perf_counter() - t0)
 
     def wait(self) -> None:
-        if self.pending is None:
+        """Finish the async save in flight, if any, and publish it."""
+        p = self.pending
+        if p is None:
             return
-        fut, tmp, final, step = self.pending
+        self.staged()
         self.pending = None
-        fut.result()
-        self._publish(tmp, final, step)
+        try:
+            with _storage(f"rank {self.rank}: cannot write checkpoint {p.where} (the last complete checkpoint is "
+                          "kept)", p.where):
+                p.upload.result()
+        finally:
+            if p.stager is not None:
+                p.stager.close()
+        self._publish(p.target, p.step)
 
-    def _publish(self, tmp: Path, final: Path, step: int) -> None:
+    def _stalled(self, step: int, seconds: float) -> None:
+        if self.metrics is not None:
+            self.metrics.event(step, "checkpoint", stall_s=seconds)
+
+    def _publish(self, target: str, step: int) -> None:
         dist.barrier()  # every rank's files are written
         if self.rank == 0:
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
-            (final / DONE).write_text(str(step))
-            self._retain()
+            final = f"{self.path}/step-{step:08d}"
+            with _storage(f"cannot publish checkpoint {target}", self.root):
+                if not self.url:  # atomic: the folder appears whole under its final name
+                    self._remove(final)
+                    os.rename(target, final)
+                run_cfg = self.run_dir / "config.toml"  # a copy inside: export finds the run's config anywhere
+                if run_cfg.is_file():
+                    self.fs.pipe_file(f"{final}/config.toml", run_cfg.read_bytes())
+                self.fs.pipe_file(f"{final}/{DONE}", str(step).encode())
+                self._retain()
         dist.barrier()
 
+    def _remove(self, path: str) -> None:
+        """Delete a checkpoint folder, its marker first: a half-deleted checkpoint is never resumed."""
+        if self.fs.exists(f"{path}/{DONE}"):
+            self.fs.rm_file(f"{path}/{DONE}")
+        if self.fs.exists(path):
+            self.fs.rm(path, recursive=True)
+
     def _retain(self) -> None:
-        done = complete_checkpoints(self.root)
+        done = _complete(self.fs, self.path)
         keep = set(done[-self.cfg.keep:]) if self.cfg.keep > 0 else set(done)
         for p in done:
-            step = int(p.name.split("-")[1])
+            step = int(p.rsplit("-", 1)[1])
             if p not in keep and not (self.cfg.keep_every and step % self.cfg.keep_every == 0):
-                shutil.rmtree(p, ignore_errors=True)
+                try:
+                    self._remove(p)
+                except Exception as err:  # an old checkpoint left behind costs space, not the run
+                    if self.log is not None:
+                        self.log.warning(f"checkpoint retention: cannot delete {p}: {_reason(err)}")
 
     # ---- load -----------------------------------------------------------------------------------------------
-    def load(self, path: Path, model, opt, sched) -> dict:
+    def load(self, path: Path | str, model, opt, sched) -> dict:
         """Load into the (sharded) model/optimizer; returns this rank's extra state (resharded runs get rank 0's
         counters and a note)."""
         state = self._app_state(model, opt, sched)
@@ -190,14 +335,11 @@ class Checkpointer:
         if sched is not None:
             sched.last_epoch = int(state["sched"]["last_epoch"])
             sched._last_lr = [g["lr"] for g in opt.param_groups]
-        own = path / f"rank-{self.rank}.json"
-        extra = json.loads((own if own.is_file() else path / "rank-0.json").read_text())
-        if extra.get("world_size") == self.world:
-            from safetensors.torch import load_file
-
-            _set_rng_state(load_file(str(path / f"rng-{self.rank}.safetensors")), self.device)
-            extra["resharded"] = False
-        else:
-            extra["resharded"] = True
+        fs, p = _fs(path)
+        with _storage(f"rank {self.rank}: cannot read {path}", path):
+            own = f"{p}/rank-{self.rank}.json"
+            extra = json.loads(fs.cat_file(own if fs.exists(own) else f"{p}/rank-0.json"))
+            if extra.get("world_size") == self.world:
+                _set_rng_state(load_tensors(fs.cat_file(f"{p}/rng-{self.rank}.safetensors")), self.device)
+        extra["resharded"] = extra.get("world_size") != self.world
         return extra
-

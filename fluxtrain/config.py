@@ -33,7 +33,7 @@ class ConfigError(ValueError):
 
 @dataclass(config=_STRICT)
 class ModelConfig:
-    preset: Literal["tiny", "flux-dev", "flux-schnell"] = "tiny"
+    preset: Literal["tiny", "small", "flux-dev", "flux-schnell"] = "tiny"
     # A diffusers-layout FLUX folder (transformer/, vae/, text_encoder*/, tokenizer*/) or a BFL single file.
     pretrained: str | None = None
     # Where the frozen encoders and VAE come from when `pretrained` is a BFL single file.
@@ -55,6 +55,8 @@ class DataConfig:
     shuffle_buffer: int = 1000
     caption_dropout: float = 0.0
     caption_dropout_clip: float | None = None
+    # P(caption composed from the sample's scene metadata instead), drawn from (seed, sample id): data/augment.py
+    caption_augment: float = 0.0
     max_skip_frac: float = 0.5
     buckets: list[list[int]] = field(default_factory=list)
     seed: int = 0
@@ -116,11 +118,32 @@ class ParallelConfig:
 @dataclass(config=_STRICT)
 class CheckpointConfig:
     interval: int = 200
-    resume: str = "auto"  # auto | never | PATH
+    resume: str = "auto"  # auto | never | PATH (a checkpoint folder or URL)
+    # Where checkpoints go: empty = <train.output_dir>/checkpoints; a local folder or an fsspec URL such as
+    # s3://bucket/run/checkpoints (pip install 'fluxtrain[s3]'; credentials and endpoint from the AWS_* variables)
+    dir: str = ""
     keep: int = 3
     keep_every: int = 0
     async_save: bool = True
+    # How an async save copies the state off the GPU. background: into pinned host memory on a thread, overlapping
+    # the next step's forward/backward (its optimizer step waits for the copy); sync: before training continues,
+    # into pageable memory; auto: background on CUDA, sync elsewhere.
+    staging: Literal["auto", "background", "sync"] = "auto"
     export_dtype: Literal["bf16", "fp32"] = "bf16"
+
+    def __post_init__(self):
+        # a missing filesystem package (s3fs) is told now, before any process group starts
+        import fsspec
+
+        for key in ("dir", "resume"):
+            url = getattr(self, key)
+            if "://" in url:
+                protocol = url.split("://", 1)[0]
+                try:
+                    fsspec.get_filesystem_class(protocol)
+                except (ImportError, ValueError) as err:
+                    fix = "pip install 'fluxtrain[s3]'" if protocol in ("s3", "s3a") else str(err)
+                    raise ConfigError(f"checkpoint.{key} = {url}: no filesystem for {protocol}://: {fix}") from None
 
 
 @dataclass(config=_STRICT)
@@ -331,7 +354,7 @@ def validate(cfg: Config) -> None:
     if d.resolution % 16:
         raise ConfigError(f"data.resolution must be a multiple of 16 (VAE ×8 and 2×2 packing), got {d.resolution}")
     for name, v in (("data.complex_frac", d.complex_frac), ("data.caption_dropout", d.caption_dropout),
-                    ("data.max_skip_frac", d.max_skip_frac)):
+                    ("data.caption_augment", d.caption_augment), ("data.max_skip_frac", d.max_skip_frac)):
         if not 0.0 <= v <= 1.0:
             raise ConfigError(f"{name} must be in [0, 1] (got {v})")
     if d.source in ("webdataset", "cache") and not d.path:

@@ -1,14 +1,23 @@
-"""`fluxtrain export`: full-state export of a DCP checkpoint to diffusers or BFL safetensors, offline."""
+"""`fluxtrain export`: full-state export of a DCP checkpoint to diffusers or BFL safetensors, offline.
+
+The export streams, a transformer block at a time: DCP reads only the keys asked for (casting into the export dtype
+as it copies), BFL's fused tensors are built from one block's tensors, and each tensor is written at the offset
+planned up front from the model's shapes, by a few threads at once. Memory holds a few blocks, never the model.
+"""
 
 from __future__ import annotations
 
 import argparse
 import shutil
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-
 import torch
 
 from fluxtrain import config as C
+
+THREADS = 4  # blocks in flight; each holds one block in the export dtype (0.7 GB for FLUX.1-dev's double blocks)
+PIPELINE_PARTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 
 
 def run_config_of(ckpt: Path) -> C.Config:
@@ -18,36 +27,93 @@ def run_config_of(ckpt: Path) -> C.Config:
     return C.load(cfg_file)
 
 
+def _encoders(cfg: C.Config) -> Path | None:
+    from fluxtrain.models.setup import encoders_folder
+
+    try:
+        return encoders_folder(cfg)
+    except FileNotFoundError:  # no encoders/VAE to pair with: the export holds the transformer alone
+        return None
+
+
+def _lora_state(ckpt: Path, cfg: C.Config, kw: dict) -> dict[str, torch.Tensor]:
+    """A LoRA run's transformer: the checkpoint holds adapters only, merged here into the base it references."""
+    from fluxtrain import lora
+    from fluxtrain.models.flux import iter_pretrained_state, random_init_state
+
+    base = (dict(iter_pretrained_state(cfg.model.pretrained, kw["num_attention_heads"] * kw["attention_head_dim"]))
+            if cfg.model.pretrained and cfg.model.load_transformer else dict(random_init_state(kw, cfg.train.seed)))
+    section = "ema" if cfg.ema.enabled and cfg.ema.use_for_export else "model"
+    return lora.merge_lora_state(base, lora.lora_state_from_checkpoint(ckpt, section), cfg.lora.alpha, cfg.lora.rank)
+
+
+def _check_fits(ckpt: Path, shapes: dict[str, torch.Size]) -> None:
+    """The checkpoint's model has these tensors at these shapes (from its metadata alone), or the first misfit is
+    named."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from fluxtrain.models.flux import WeightsError
+
+    meta = FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+    for k, shape in shapes.items():
+        got = getattr(meta.get(f"model.{k}"), "size", None)
+        if got != shape:
+            raise WeightsError(f"{ckpt} does not fit the run's model at '{k}': checkpoint "
+                               f"{'has none' if got is None else tuple(got)}, model {tuple(shape)}")
+
+
+def _read(ckpt: Path, into: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Fill `into` (model keys → tensors of any dtype: DCP casts as it copies) from the checkpoint's model, reading
+    only those keys, without a process group (DCP reassembles the shards)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # no process group, on purpose
+    dcp.load({"model": into}, storage_reader=FileSystemReader(str(ckpt)), no_dist=True)
+    return into
+
+
 def load_checkpoint_model(ckpt: str | Path):
     """An unsharded fp32 transformer with the checkpoint's weights, read without a process group
     (DCP reassembles the shards). Returns (model, run config, folder of encoders/VAE)."""
-    import torch.distributed.checkpoint as dcp
-
     from fluxtrain.models.flux import build_transformer
-    from fluxtrain.models.setup import encoders_folder, model_kwargs
+    from fluxtrain.models.setup import model_kwargs
 
     ckpt = Path(ckpt)
     cfg = run_config_of(ckpt)
     kw = model_kwargs(cfg)
     model = build_transformer(kw, device="cpu")
-    if cfg.lora.enabled:  # the checkpoint holds adapters only: merge them into the base it references
-        from fluxtrain import lora
-        from fluxtrain.models.flux import iter_pretrained_state, random_init_state
-
-        base = (dict(iter_pretrained_state(cfg.model.pretrained, kw["num_attention_heads"] * kw["attention_head_dim"]))
-                if cfg.model.pretrained and cfg.model.load_transformer else dict(random_init_state(kw, cfg.train.seed)))
-        section = "ema" if cfg.ema.enabled and cfg.ema.use_for_export else "model"
-        adapters = lora.lora_state_from_checkpoint(ckpt, section)
-        model.load_state_dict(lora.merge_lora_state(base, adapters, cfg.lora.alpha, cfg.lora.rank))
+    if cfg.lora.enabled:
+        model.load_state_dict(_lora_state(ckpt, cfg, kw))
     else:
-        state = {"model": model.state_dict()}
-        dcp.load(state, checkpoint_id=str(ckpt))
-        model.load_state_dict(state["model"])
-    try:
-        folder = encoders_folder(cfg)
-    except FileNotFoundError:  # no encoders/VAE to pair with: the export holds the transformer alone
-        folder = None
-    return model, cfg, folder
+        own = model.state_dict()  # the parameters themselves: DCP loads in place
+        _check_fits(ckpt, {k: v.shape for k, v in own.items()})
+        _read(ckpt, own)
+    return model, cfg, _encoders(cfg)
+
+
+def _groups(keys) -> list[list[str]]:
+    """Keys per transformer block, the rest together: each BFL fused tensor's inputs share a group."""
+    groups: dict[str, list[str]] = {}
+    for k in keys:
+        head = k.split(".")
+        groups.setdefault(".".join(head[:2]) if head[0].endswith("transformer_blocks") else "", []).append(k)
+    return list(groups.values())
+
+
+def _stream(read, convert, writer, groups: list[list[str]], threads: int) -> None:
+    def one(keys: list[str]) -> None:
+        for name, t in convert(read(keys)).items():
+            writer.write(name, t)
+
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        jobs = [pool.submit(one, g) for g in groups]
+        try:
+            for j in jobs:
+                j.result()
+        finally:  # after a failure, start no more blocks
+            for j in jobs:
+                j.cancel()
 
 
 def export_lora(ckpt: str | Path, out: str | Path, dtype: str = "bf16") -> Path:
@@ -63,30 +129,44 @@ def export_lora(ckpt: str | Path, out: str | Path, dtype: str = "bf16") -> Path:
                            dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
 
 
-def export(ckpt: str | Path, fmt: str, out: str | Path, dtype: str = "bf16") -> Path:
+def export(ckpt: str | Path, fmt: str, out: str | Path, dtype: str = "bf16", threads: int = THREADS,
+           shard_bytes: int | None = None) -> Path:
+    """Write the checkpoint's transformer as a FluxPipeline folder (`fmt` "diffusers": the run's encoders/VAE
+    beside a transformer/ sharded as diffusers shards it) or a BFL single file (`fmt` "bfl"). Returns the folder or
+    file written."""
     from fluxtrain.models import bfl
-    from fluxtrain.models.flux import save_diffusers
+    from fluxtrain.models.flux import SHARD_BYTES, SafetensorsWriter, build_transformer, diffusers_writer
+    from fluxtrain.models.setup import model_kwargs
 
-    model, cfg, folder = load_checkpoint_model(ckpt)
+    ckpt, out = Path(ckpt), Path(out)
+    cfg = run_config_of(ckpt)
+    kw = model_kwargs(cfg)
     dt = torch.bfloat16 if dtype == "bf16" else torch.float32
-    state = {k: v.to(dt) for k, v in model.state_dict().items()}
-    out = Path(out)
+    ref = build_transformer(kw, device="meta")  # names, shapes and config, without memory
+    plan = {k: v.to(dt) for k, v in ref.state_dict().items()}
+    if cfg.lora.enabled:  # the merged state is held whole (its base is a pretrained file or the seeded init)
+        state = _lora_state(ckpt, cfg, kw)
+        read = lambda keys: {k: state.pop(k).to(dt) for k in keys}  # noqa: E731 — each block freed once written
+    else:
+        _check_fits(ckpt, {k: v.shape for k, v in plan.items()})
+        read = lambda keys: _read(ckpt, {k: torch.empty(plan[k].shape, dtype=dt) for k in keys})  # noqa: E731
     if fmt == "diffusers":
-        # a complete FluxPipeline folder: our transformer beside the encoders/VAE it was trained with
-        for part in ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"):
+        folder = _encoders(cfg)
+        for part in PIPELINE_PARTS:
             if folder and (folder / part).exists() and not (out / part).exists():
                 shutil.copytree(folder / part, out / part)
         if folder and (folder / "model_index.json").is_file():
             out.mkdir(parents=True, exist_ok=True)
             shutil.copy(folder / "model_index.json", out / "model_index.json")
-        save_diffusers(state, dict(model.config), out / "transformer")
-        return out
-    from safetensors.torch import save_file
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    target = out if out.suffix == ".safetensors" else out / "flux1-transformer.safetensors"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in bfl.diffusers_to_bfl(state).items()}, str(target))
+        writer = diffusers_writer({k: (v.shape, dt) for k, v in plan.items()}, dict(ref.config), out / "transformer",
+                                  shard_bytes or SHARD_BYTES)
+        convert, target = (lambda sd: sd), out
+    else:
+        target = out if out.suffix == ".safetensors" else out / "flux1-transformer.safetensors"
+        writer = SafetensorsWriter({target: {k: (v.shape, dt) for k, v in bfl.diffusers_to_bfl(plan).items()}})
+        convert = bfl.diffusers_to_bfl
+    with writer:
+        _stream(read, convert, writer, _groups(plan), threads)
     return target
 
 
@@ -98,7 +178,10 @@ def main(argv: list[str]) -> int:
                          "merged weights for diffusers/bfl")
     ap.add_argument("--out", required=True)
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    ap.add_argument("--threads", type=int, default=THREADS,
+                    help="transformer blocks read, converted and written at once (each holds a block in memory)")
     a = ap.parse_args(argv)
-    out = export_lora(a.checkpoint, a.out, a.dtype) if a.format == "lora" else export(a.checkpoint, a.format, a.out, a.dtype)
+    out = (export_lora(a.checkpoint, a.out, a.dtype) if a.format == "lora"
+           else export(a.checkpoint, a.format, a.out, a.dtype, a.threads))
     print(f"exported to {out}")
     return 0

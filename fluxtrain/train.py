@@ -193,14 +193,14 @@ def _train(cfg: C.Config, D: pmesh.Dist, run_dir: Path, log) -> dict:
 
         itc = ITCObjective(model, D.mesh, model.config.pooled_projection_dim, tc.itc_weight, cfg.optim, tc.steps,
                            D.device)
-    ckpt = Checkpointer(run_dir, cfg.checkpoint, D.rank, D.world_size, D.device, log,
-                        extras={"itc": (itc.head, itc.opt)} if itc else None, trainable_only=cfg.lora.enabled,
-                        ema=ema)
     start, counters = 0, {"nonfinite_total": 0, "samples_seen": 0}
-    resume = find_resume(run_dir, cfg.checkpoint.resume)
+    resume = find_resume(run_dir, cfg.checkpoint.resume, cfg.checkpoint.dir)
     # a fresh start replaces an old metrics.jsonl; a resume appends to it
     metrics = MetricsWriter(run_dir, D.is_main, cfg.log.trackers, C.to_dict(cfg), cfg.log.wandb_project,
                             append=resume is not None)
+    ckpt = Checkpointer(run_dir, cfg.checkpoint, D.rank, D.world_size, D.device, log,
+                        extras={"itc": (itc.head, itc.opt)} if itc else None, trainable_only=cfg.lora.enabled,
+                        ema=ema, metrics=metrics)
     if resume is not None:
         extra = ckpt.load(resume, model, opt, sched)
         start = int(extra["step"])
@@ -235,6 +235,8 @@ def _train(cfg: C.Config, D: pmesh.Dist, run_dir: Path, log) -> dict:
             # reduce-scatter only on the last micro-batch; earlier ones accumulate locally
             model.set_requires_gradient_sync(micro == tc.grad_accum - 1)
             losses.append(forward_backward(model, enc, batch, cfg, D.device, step, D.rank, 1.0 / tc.grad_accum, itc))
+        # an async save may still be copying weights and optimizer state: that must end before the optimizer step
+        ckpt.staged()
         gnorm, ok = clip_and_step(model, opt, sched, cfg.optim.grad_clip, cfg, ema, step)
         if itc is not None:
             itc.step() if ok else itc.opt.zero_grad(set_to_none=True)
@@ -264,8 +266,7 @@ def _train(cfg: C.Config, D: pmesh.Dist, run_dir: Path, log) -> dict:
         stopping = _any_rank(stop["signal"] is not None)
         if step % cfg.checkpoint.interval == 0 or step == tc.steps or stopping:
             extra = {"data": data.state_dict(), **counters}
-            stall = ckpt.save(step, model, opt, sched, extra, async_ok=not (step == tc.steps or stopping))
-            metrics.event(step, "checkpoint", stall_s=stall)
+            ckpt.save(step, model, opt, sched, extra, async_ok=not (step == tc.steps or stopping))
         if stopping:
             log.info(f"stop signal: checkpoint written at step {step}, exiting for a resume")
             metrics.event(step, "preempted")

@@ -53,7 +53,8 @@ def build_loader(cfg: Config, rank: int, world_size: int):
     if d.source == "synthetic":
         from fluxtrain.data.synthetic import SyntheticShapes
 
-        src = SyntheticShapes(size=d.resolution, complex_frac=d.complex_frac, seed=d.seed)
+        src = SyntheticShapes(size=d.resolution, complex_frac=d.complex_frac, seed=d.seed,
+                              caption_augment=d.caption_augment)
         return IndexedBatches(src, cfg.train.batch_size, rank, world_size)
     if d.source == "webdataset":
         from fluxtrain.data.webdataset import build_webdataset_loader

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from fluxtrain.data.augment import augment_caption
 from fluxtrain.data.prompts import (BACKGROUND, COLORS, Scene, Spec, corrupt_caption, format_spec, layout,
                                     parse_prompt, read_prompts, sample_spec)
 
@@ -45,10 +46,12 @@ def _rng(seed: int, i: int) -> random.Random:
 
 
 class SyntheticShapes:
-    """Index-based source: item i is a pure function of (seed, i). Captions never hit the held-out eval set."""
+    """Index-based source: item i is a pure function of (seed, i). Captions never hit the held-out eval set.
+    With caption_augment, that fraction of captions is composed from the scene instead (data/augment.py): the same
+    scenes, also described through relations and counts the sampled caption did not state."""
 
-    def __init__(self, size: int, complex_frac: float = 0.0, seed: int = 0):
-        self.size, self.complex_frac, self.seed = size, complex_frac, seed
+    def __init__(self, size: int, complex_frac: float = 0.0, seed: int = 0, caption_augment: float = 0.0):
+        self.size, self.complex_frac, self.seed, self.caption_augment = size, complex_frac, seed, caption_augment
 
     def __len__(self) -> int:
         return 10**9
@@ -60,7 +63,9 @@ class SyntheticShapes:
 
     def __getitem__(self, i: int) -> dict:
         _, _, scene = self.spec_scene(i)
-        return {"image": render(scene), "caption": scene.caption, "scene": scene.to_json()}
+        meta = scene.to_json()
+        caption, _ = augment_caption(meta, scene.caption, self.caption_augment, self.seed, i)
+        return {"image": render(scene), "caption": caption, "scene": meta}
 
 
 def _png(img: Image.Image) -> bytes:

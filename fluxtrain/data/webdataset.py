@@ -30,6 +30,10 @@ once), `no_image`, `decode_error`, `no_caption` (missing or empty), `bad_caption
 upscaling to the resolution/bucket). If more than `data.max_skip_frac` of the last `skip_window` outcomes (samples
 and shard errors) were bad, or a slot gets no usable sample in a whole epoch, iteration stops with a one-line
 DataError naming the shard.
+
+Captions: with `data.caption_augment` = p > 0, a sample's caption is replaced with probability p by one composed from
+its `.json` scene metadata (data/augment.py), drawn from (data.seed, sample id), so a resume sees the same captions.
+Samples without usable metadata keep their caption and are counted (`no_scene` in the state; logged at 1, 10, 100, …).
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 from fluxtrain.config import Config, ConfigError
+from fluxtrain.data.augment import augment_caption
 from fluxtrain.data.loader import u8_to_pixels
 
 log = logging.getLogger("fluxtrain")
@@ -273,6 +278,7 @@ class Plan:
     buckets: tuple[tuple[int, int], ...]
     max_skip_frac: float
     skip_window: int = SKIP_WINDOW
+    caption_augment: float = 0.0
 
     @property
     def slots(self) -> int:
@@ -337,22 +343,34 @@ def _epoch_stream(plan: Plan, worker: int, epoch: int):
     yield from buf
 
 
+def _decode(plan: Plan, item) -> tuple:
+    """decode_sample, then data.caption_augment: ("ok", bucket, array, caption, no usable scene metadata) or
+    ("bad", reason, detail)."""
+    res = decode_sample(item[4], plan.buckets)
+    if res[0] != "ok":
+        return res
+    if not plan.caption_augment:
+        return (*res, False)
+    caption, usable = augment_caption(item[4].get("json"), res[3], plan.caption_augment, plan.seed, item[1])
+    return (*res[:3], caption, not usable)
+
+
 def worker_batches(plan: Plan, worker: int, state: dict):
     """Batches of one slot, forever, resuming from `state` (see the module docstring). Each batch carries the
     slot's state after it and the bad-data events since the previous batch; a stop is an {"error": …} item."""
-    B, buckets = plan.batch_size, list(plan.buckets)
+    B = plan.batch_size
     epoch, start, good = int(state["epoch"]), int(state["pos"]), int(state["good"])
     window = deque((int(c) for c in state["window"]), maxlen=plan.skip_window)
-    pending: list[list] = [[] for _ in buckets]
+    pending: list[list] = [[] for _ in plan.buckets]
     want: dict[int, set[int]] = {}
     for e, p in state["pending"]:
         want.setdefault(int(e), set()).add(int(p))
 
     def place(e, p, item):
-        res = decode_sample(item[4], buckets)
+        res = _decode(plan, item)
         if res[0] != "ok":  # deterministic decoding: a waiting sample decodes again
             raise DataError(f"shard {item[2]}: sample {item[3]} no longer decodes on resume ({res[1]})")
-        pending[res[1]].append((e, p, item[1], f"{item[2]}/{item[3]}", res[2], res[3]))
+        pending[res[1]].append((e, p, item[1], f"{item[2]}/{item[3]}", *res[2:]))
 
     for e in sorted(k for k in want if k < epoch):  # waiting samples from earlier epochs
         last, p = max(want[e]), 0
@@ -371,6 +389,7 @@ def worker_batches(plan: Plan, worker: int, state: dict):
               "pending": sorted([e, q] for lst in pending for (e, q, *_rest) in lst)}
         return {"worker": worker, "state": st, "pixels": torch.from_numpy(np.stack([x[4] for x in batch])),
                 "captions": [x[5] for x in batch], "keys": [x[3] for x in batch],
+                "no_scene": [x[3] for x in batch if x[6]],
                 "indices": torch.tensor([x[2] for x in batch], dtype=torch.long)}
 
     events: list = []
@@ -388,11 +407,11 @@ def worker_batches(plan: Plan, worker: int, state: dict):
                     if p in want.get(epoch, ()):
                         place(epoch, p, item)
                     continue
-                res = decode_sample(item[4], buckets)
+                res = _decode(plan, item)
                 if res[0] == "ok":
                     window.append(0)
                     good += 1
-                    pending[res[1]].append((epoch, p, item[1], f"{item[2]}/{item[3]}", res[2], res[3]))
+                    pending[res[1]].append((epoch, p, item[1], f"{item[2]}/{item[3]}", *res[2:]))
                     if len(pending[res[1]]) == B:
                         yield {**batch_of(res[1], epoch, pos), "events": events}
                         events = []
@@ -448,6 +467,7 @@ class WebDatasetBatches:
         self.batches = 0
         self.skipped = 0
         self.skipped_by_reason: dict[str, int] = {}
+        self.no_scene = 0  # samples data.caption_augment found no usable scene metadata for
         self._it = None
         if not plan.by_shard:
             log.info(f"rank {plan.rank}: {len(plan.urls)} shard(s) for {plan.slots} rank×worker slots: every slot "
@@ -480,6 +500,11 @@ class WebDatasetBatches:
         self.worker_states[w] = item["state"]
         self.next_worker = (w + 1) % self.plan.workers
         self.batches += 1
+        if item["no_scene"]:
+            before, self.no_scene = self.no_scene, self.no_scene + len(item["no_scene"])
+            if len(str(self.no_scene)) > len(str(before)) or not before:  # a power of ten passed: 1, 10, 100, …
+                log.warning(f"data: {self.no_scene} sample(s) so far without usable scene metadata (.json) keep "
+                            f"their captions under data.caption_augment (latest: {item['no_scene'][-1]})")
         return {"pixels": u8_to_pixels(item["pixels"]), "captions": item["captions"], "indices": item["indices"],
                 "keys": item["keys"]}
 
@@ -488,12 +513,13 @@ class WebDatasetBatches:
                 "num_workers": self.plan.workers, "shards": self.fingerprint, "batches": self.batches,
                 "workers": copy.deepcopy(self.worker_states), "next_worker": self.next_worker,
                 "epoch": min(s["epoch"] for s in self.worker_states), "skipped": self.skipped,
-                "skipped_by_reason": dict(self.skipped_by_reason)}
+                "skipped_by_reason": dict(self.skipped_by_reason), "no_scene": self.no_scene}
 
     def load_state_dict(self, state: dict) -> None:
         self.close()
         self.skipped = int(state.get("skipped", 0))
         self.skipped_by_reason = {str(k): int(v) for k, v in state.get("skipped_by_reason", {}).items()}
+        self.no_scene = int(state.get("no_scene", 0))
         same = (state.get("world_size") == self.plan.world and state.get("rank") == self.plan.rank
                 and state.get("num_workers") == self.plan.workers and state.get("shards") == self.fingerprint
                 and "workers" in state)
@@ -541,7 +567,7 @@ def plan_from_config(cfg: Config, rank: int, world_size: int, skip_window: int =
     return Plan(urls=tuple(resolve_shards(d.path)), rank=rank, world=world_size, workers=max(1, d.num_workers),
                 seed=d.seed, shuffle_buffer=d.shuffle_buffer, batch_size=cfg.train.batch_size,
                 buckets=check_buckets(d.buckets, d.resolution), max_skip_frac=d.max_skip_frac,
-                skip_window=skip_window)
+                skip_window=skip_window, caption_augment=d.caption_augment)
 
 
 def build_webdataset_loader(cfg: Config, rank: int, world_size: int, skip_window: int = SKIP_WINDOW):

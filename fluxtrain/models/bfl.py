@@ -46,9 +46,8 @@ def _swap_halves(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([b, a], dim=0)
 
 
-def _count(sd: dict, prefix: str) -> int:
-    idx = {int(k[len(prefix):].split(".")[0]) for k in sd if k.startswith(prefix)}
-    return max(idx) + 1 if idx else 0
+def _blocks(sd: dict, prefix: str) -> list[int]:
+    return sorted({int(k[len(prefix):].split(".")[0]) for k in sd if k.startswith(prefix)})
 
 
 def bfl_to_diffusers(sd: dict[str, torch.Tensor], inner_dim: int) -> dict[str, torch.Tensor]:
@@ -61,7 +60,7 @@ def bfl_to_diffusers(sd: dict[str, torch.Tensor], inner_dim: int) -> dict[str, t
                 out[f"{d}.{p}"] = sd[f"{b}.{p}"]
     for p in ("weight", "bias"):
         out[f"norm_out.linear.{p}"] = _swap_halves(sd[f"final_layer.adaLN_modulation.1.{p}"])
-    for i in range(_count(sd, "double_blocks.")):
+    for i in _blocks(sd, "double_blocks."):
         src, dst = f"double_blocks.{i}.", f"transformer_blocks.{i}."
         for b, d in _DOUBLE:
             for p in ("weight", "bias"):
@@ -72,7 +71,7 @@ def bfl_to_diffusers(sd: dict[str, torch.Tensor], inner_dim: int) -> dict[str, t
             for p in ("weight", "bias"):
                 for name, part in zip(names, sd[f"{src}{stream}_attn.qkv.{p}"].chunk(3, dim=0)):
                     out[f"{dst}attn.{name}.{p}"] = part
-    for i in range(_count(sd, "single_blocks.")):
+    for i in _blocks(sd, "single_blocks."):
         src, dst = f"single_blocks.{i}.", f"single_transformer_blocks.{i}."
         for b, d in _SINGLE:
             for p in ("weight", "bias"):
@@ -88,15 +87,17 @@ def bfl_to_diffusers(sd: dict[str, torch.Tensor], inner_dim: int) -> dict[str, t
 
 
 def diffusers_to_bfl(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The inverse of `bfl_to_diffusers`: what `flux1-dev.safetensors` holds."""
+    """The inverse of `bfl_to_diffusers`: what `flux1-dev.safetensors` holds. Also converts any part of a state
+    that holds whole blocks (a streamed export converts a block at a time), and meta tensors (to plan a file)."""
     out: dict[str, torch.Tensor] = {}
     for b, d in _TOP:
         for p in ("weight", "bias"):
             if f"{d}.{p}" in sd:
                 out[f"{b}.{p}"] = sd[f"{d}.{p}"]
     for p in ("weight", "bias"):
-        out[f"final_layer.adaLN_modulation.1.{p}"] = _swap_halves(sd[f"norm_out.linear.{p}"])
-    for i in range(_count(sd, "transformer_blocks.")):
+        if f"norm_out.linear.{p}" in sd:
+            out[f"final_layer.adaLN_modulation.1.{p}"] = _swap_halves(sd[f"norm_out.linear.{p}"])
+    for i in _blocks(sd, "transformer_blocks."):
         src, dst = f"transformer_blocks.{i}.", f"double_blocks.{i}."
         for b, d in _DOUBLE:
             for p in ("weight", "bias"):
@@ -106,7 +107,7 @@ def diffusers_to_bfl(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         for stream, names in (("img", ("to_q", "to_k", "to_v")), ("txt", ("add_q_proj", "add_k_proj", "add_v_proj"))):
             for p in ("weight", "bias"):
                 out[f"{dst}{stream}_attn.qkv.{p}"] = torch.cat([sd[f"{src}attn.{n}.{p}"] for n in names], dim=0)
-    for i in range(_count(sd, "single_transformer_blocks.")):
+    for i in _blocks(sd, "single_transformer_blocks."):
         src, dst = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
         for b, d in _SINGLE:
             for p in ("weight", "bias"):

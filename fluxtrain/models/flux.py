@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import struct
 from pathlib import Path
 from typing import Iterator
 
@@ -119,12 +121,81 @@ def init_weights(model: torch.nn.Module, kw: dict, seed: int = 0, device="cpu") 
     load_state_into(model, random_init_state(kw, seed, device))
 
 
-def save_diffusers(state: dict[str, torch.Tensor], config: dict, out_dir: str | Path) -> None:
-    """Write `transformer/` as diffusers does (config.json + safetensors) from a full state dict."""
-    from safetensors.torch import save_file
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+SHARD_BYTES = 10 * 10**9  # diffusers' default max_shard_size ("10GB")
+_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+Specs = dict[str, tuple[tuple[int, ...], torch.dtype]]  # tensor name → (shape, dtype), in file order
 
+
+class SafetensorsWriter:
+    """Safetensors files laid out up front from names, shapes and dtypes, then filled one tensor at a time, in any
+    order and from any thread (`os.pwrite` at the planned offset): no file's contents are ever in memory at once.
+    Use as a context manager; leaving it without an error checks that every tensor was written."""
+
+    def __init__(self, files: dict[Path, Specs]):
+        self._fds: list[int] = []
+        self._at: dict[str, tuple[int, int, tuple[int, ...], torch.dtype]] = {}
+        for path, specs in files.items():
+            header, end, spans = {"__metadata__": {"format": "pt"}}, 0, {}
+            for name, (shape, dt) in specs.items():
+                n = math.prod(shape) * dt.itemsize
+                header[name] = {"dtype": _ST_DTYPES[dt], "shape": list(shape), "data_offsets": [end, end + n]}
+                spans[name], end = (end, tuple(shape), dt), end + n
+            raw = json.dumps(header, separators=(",", ":")).encode()
+            raw += b" " * (-len(raw) % 8)  # tensor data 8-byte aligned, as safetensors pads it
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._fds.append(fd)
+            os.write(fd, struct.pack("<Q", len(raw)) + raw)
+            os.ftruncate(fd, 8 + len(raw) + end)
+            self._at.update({k: (fd, 8 + len(raw) + off, shape, dt) for k, (off, shape, dt) in spans.items()})
+
+    def write(self, name: str, t: torch.Tensor) -> None:
+        fd, off, shape, dt = self._at.pop(name)
+        if tuple(t.shape) != shape or t.dtype != dt:
+            raise WeightsError(f"'{name}' is {tuple(t.shape)} {t.dtype}, planned {shape} {dt}")
+        buf = memoryview(t.contiguous().view(-1).view(torch.uint8).numpy())
+        while buf:  # one pwrite moves at most ~2 GiB
+            n = os.pwrite(fd, buf, off)
+            buf, off = buf[n:], off + n
+
+    def __enter__(self) -> "SafetensorsWriter":
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        if exc_type is None and self._at:
+            raise WeightsError(f"'{next(iter(self._at))}' (and {len(self._at) - 1} more) never written")
+
+
+def write_config(config: dict, out_dir: str | Path) -> None:
+    """`transformer/config.json` as diffusers writes it."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = {"_class_name": "FluxTransformer2DModel", **{k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}}
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    save_file({k: v.contiguous() for k, v in state.items()}, str(out / "diffusion_pytorch_model.safetensors"))
+
+
+def diffusers_writer(specs: Specs, config: dict, out_dir: str | Path, shard_bytes: int = SHARD_BYTES) -> SafetensorsWriter:
+    """A writer of `transformer/` as diffusers saves it: config.json, then one weights file, or shards of at most
+    `shard_bytes` (in `specs` order) with the index `from_pretrained` reads. Earlier weights files there are removed."""
+    out = Path(out_dir)
+    write_config(config, out)
+    for old in out.glob("diffusion_pytorch_model*.safetensors*"):
+        old.unlink()
+    shards, size = [{}], 0
+    for name, (shape, dt) in specs.items():
+        n = math.prod(shape) * dt.itemsize
+        if shards[-1] and size + n > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name], size = (shape, dt), size + n
+    if len(shards) == 1:
+        return SafetensorsWriter({out / WEIGHTS: shards[0]})
+    stem = WEIGHTS.removesuffix(".safetensors")
+    files = {out / f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors": s for i, s in enumerate(shards)}
+    total = sum(math.prod(shape) * dt.itemsize for shape, dt in specs.values())
+    index = {"metadata": {"total_size": total}, "weight_map": {k: p.name for p, s in files.items() for k in s}}
+    (out / f"{WEIGHTS}.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
+    return SafetensorsWriter(files)

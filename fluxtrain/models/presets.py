@@ -32,6 +32,20 @@ PRESETS: dict[str, dict] = {
         guidance_embeds=True,
         axes_dims_rope=(8, 12, 12),
     ),
+    # tiny's encoders and VAE (text width 64) under a wider, deeper transformer (19M): for GPU experiments such as
+    # the adherence ablation, where a step of either is launch-bound and the larger one learns more per sample.
+    "small": dict(
+        patch_size=1,
+        in_channels=64,
+        num_layers=4,
+        num_single_layers=8,
+        attention_head_dim=64,
+        num_attention_heads=4,
+        joint_attention_dim=64,
+        pooled_projection_dim=64,
+        guidance_embeds=True,
+        axes_dims_rope=(16, 24, 24),
+    ),
 }
 
 # Parameter counts the tests pin (flux-dev is FLUX.1-dev's published size).

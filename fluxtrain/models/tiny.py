@@ -103,23 +103,37 @@ def new_vae():
                          use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=False)
 
 
-def train_vae(steps: int = 800, size: int = 64, batch: int = 16, seed: int = 0, log=print):
+def _shapes_batch(items: list[dict]) -> torch.Tensor:
+    return torch.from_numpy(np.stack([np.asarray(it["image"], dtype=np.float32) for it in items])).permute(0, 3, 1, 2) / 127.5 - 1
+
+
+class _Render:  # a picklable collate_fn: indices → image batch
+    def __init__(self, data):
+        self.data = data
+
+    def __call__(self, idx: list[int]) -> torch.Tensor:
+        return _shapes_batch([self.data[i] for i in idx])
+
+
+def train_vae(steps: int = 800, size: int = 64, batch: int = 16, seed: int = 0, device: str = "cpu",
+              workers: int = 0, log=print):
     """Train the tiny VAE on synthetic shapes (reconstruction + a light KL), then set FLUX's latent scale/shift."""
+    from torch.utils.data import DataLoader
+
     from fluxtrain.data.synthetic import SyntheticShapes
 
     torch.manual_seed(seed)
     data = SyntheticShapes(size=size, complex_frac=0.5, seed=seed + 7)
-    vae = new_vae()
+    vae = new_vae().to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=3e-3, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.05)
-
-    def batch_at(i):
-        imgs = [np.asarray(data[i * batch + j]["image"], dtype=np.float32) for j in range(batch)]
-        return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2) / 127.5 - 1
+    # batch i = items i·batch … (i+1)·batch − 1 whatever the worker count (rendering is the CPU cost)
+    loader = DataLoader(range(steps * batch), batch_size=batch, num_workers=workers,
+                        collate_fn=_Render(data))
 
     t0 = time.time()
-    for step in range(steps):
-        x = batch_at(step)
+    for step, x in enumerate(loader):
+        x = x.to(device)
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample()).sample
         loss = (rec - x).abs().mean() + 0.5 * ((rec - x) ** 2).mean() + 1e-6 * post.kl().mean()
@@ -136,12 +150,28 @@ def train_vae(steps: int = 800, size: int = 64, batch: int = 16, seed: int = 0, 
         # the mean alone, so shrink the posterior (logvar − 6, std × e⁻³), as real FLUX VAEs have small std.
         half = vae.encoder.conv_out.bias.shape[0] // 2
         vae.encoder.conv_out.bias[half:] -= 6.0
-        z = torch.cat([vae.encode(batch_at(10_000 + i)).latent_dist.mean for i in range(4)])
+        held_out = _shapes_batch([data[10**8 + i] for i in range(4 * batch)]).to(device)
+        z = vae.encode(held_out).latent_dist.mean
     vae.register_to_config(shift_factor=float(z.mean()), scaling_factor=float(1.0 / z.std()))
-    return vae
+    return vae.cpu()
 
 
-def build(out: str | Path, vae_from: str | Path | None = None, vae_steps: int = 800) -> Path:
+def reconstruction_adherence(vae_folder: str | Path, n: int = 200, complex_frac: float = 1.0, seed: int = 7) -> float:
+    """The checker's pass rate on VAE round trips of ground-truth scenes: the ceiling of any model trained on it."""
+    from fluxtrain.data.synthetic import SyntheticShapes
+    from fluxtrain.eval.shapes_checker import check
+    from fluxtrain.models.encoders import Autoencoder
+
+    ae = Autoencoder(vae_folder)
+    ds = SyntheticShapes(64, complex_frac=complex_frac, seed=seed)
+    items = [ds[i] for i in range(n)]
+    mean, _ = ae.moments(_shapes_batch(items))
+    rec = ((ae.decode(mean).permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+    return float(np.mean([check(im, it["caption"]).passed for im, it in zip(rec, items)]))
+
+
+def build(out: str | Path, vae_from: str | Path | None = None, vae_steps: int = 800, device: str = "cpu",
+          workers: int = 0, batch: int = 16) -> Path:
     out = Path(out)
     if out.exists():
         shutil.rmtree(out)
@@ -159,7 +189,7 @@ def build(out: str | Path, vae_from: str | Path | None = None, vae_steps: int = 
 
         AutoencoderKL.from_pretrained(Path(vae_from) / "vae").save_pretrained(out / "vae")
     else:
-        train_vae(steps=vae_steps).save_pretrained(out / "vae")
+        train_vae(steps=vae_steps, batch=batch, device=device, workers=workers).save_pretrained(out / "vae")
     index = {
         "_class_name": "FluxPipeline",
         "_diffusers_version": "0.32.0",
@@ -180,5 +210,13 @@ if __name__ == "__main__":
     ap.add_argument("--out", default=str(SHIPPED))
     ap.add_argument("--vae-from", default=None, help="reuse the VAE of an existing tiny folder")
     ap.add_argument("--vae-steps", type=int, default=800)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--workers", type=int, default=0, help="processes rendering the VAE's training shapes")
+    ap.add_argument("--check", action="store_true", help="print the checker's pass rate on VAE round trips")
     a = ap.parse_args()
-    print(build(a.out, a.vae_from, a.vae_steps))
+    out = build(a.out, a.vae_from, a.vae_steps, a.device, a.workers, a.batch)
+    print(out)
+    if a.check:
+        print(f"VAE round trip passes the checker: simple {reconstruction_adherence(out, complex_frac=0.0):.3f}, "
+              f"complex {reconstruction_adherence(out, complex_frac=1.0):.3f}")

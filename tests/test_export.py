@@ -1,0 +1,109 @@
+"""`fluxtrain export` streamed from a DCP checkpoint: bit-identical to converting the whole state, diffusers shards
+that from_pretrained reads, and a BFL file at FLUX.1's width that diffusers' single-file loader reads."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file
+
+from fluxtrain import config as C
+from fluxtrain.export import export, load_checkpoint_model
+from fluxtrain.models import bfl
+from fluxtrain.models.flux import WeightsError, build_transformer, write_config
+from fluxtrain.models.presets import transformer_kwargs
+
+pytestmark = [pytest.mark.filterwarnings("ignore:torch.distributed is disabled"),
+              pytest.mark.filterwarnings("ignore:`torch_dtype` is deprecated")]
+
+
+def _run(tmp: Path, kw: dict, state: dict, preset: str | None = None) -> Path:
+    """A run dir whose checkpoint holds `state` as the trainer saves it ("model." keys). A shape that is no preset
+    is given as a pretrained folder's config with `model.load_transformer = false`, as a user would."""
+    over = ["--train.output_dir", str(tmp / "run")]
+    if preset:
+        over += ["--model.preset", preset]
+    else:
+        write_config(kw, tmp / "shape" / "transformer")
+        over += ["--model.pretrained", str(tmp / "shape"), "--model.load_transformer", "false"]
+    (tmp / "run").mkdir()
+    C.save(C.load(None, over), tmp / "run" / "config.toml")
+    ckpt = tmp / "run" / "checkpoints" / "step-00000001"
+    dcp.save({"model": state}, checkpoint_id=str(ckpt), no_dist=True)
+    return ckpt
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
+    return {k: v for f in files for k, v in load_file(str(f)).items()}
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_streamed_export_equals_the_whole_state_converted(tmp_path, dtype):
+    from diffusers import FluxTransformer2DModel
+
+    kw = transformer_kwargs("tiny")
+    model = build_transformer(kw, "cpu")
+    torch.manual_seed(0)
+    for p in model.parameters():
+        torch.nn.init.normal_(p)
+    state = model.state_dict()
+    ckpt = _run(tmp_path, kw, state, preset="tiny")
+    dt = torch.bfloat16 if dtype == "bf16" else torch.float32
+    whole = {k: v.to(dt) for k, v in state.items()}  # what the export did before it streamed
+
+    # diffusers: shards of ≤ 1 MB with their index, then from_pretrained gives the same model
+    out = export(ckpt, "diffusers", tmp_path / "d", dtype, threads=3, shard_bytes=2**20)
+    shards = sorted((out / "transformer").glob("*.safetensors"))
+    index = json.loads((out / "transformer" / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    assert len(shards) > 2 and set(index["weight_map"].values()) == {p.name for p in shards}
+    got = _tensors(out / "transformer")
+    assert got.keys() == whole.keys() and all(torch.equal(got[k], whole[k]) for k in whole)
+    loaded = FluxTransformer2DModel.from_pretrained(out / "transformer", torch_dtype=dt)
+    assert all(torch.equal(v, whole[k]) for k, v in loaded.state_dict().items())
+    assert (out / "model_index.json").is_file() and (out / "vae").is_dir()
+
+    # one file below the shard size; a re-export replaces the shards
+    export(ckpt, "diffusers", tmp_path / "d", dtype)
+    assert [p.name for p in (out / "transformer").glob("*.safetensors*")] == ["diffusion_pytorch_model.safetensors"]
+
+    # BFL: each block converted alone equals the whole state converted at once
+    f = export(ckpt, "bfl", tmp_path / "f.safetensors", dtype, threads=2)
+    got, want = _tensors(f), bfl.diffusers_to_bfl(whole)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+    trained, _, _ = load_checkpoint_model(ckpt)
+    assert all(torch.equal(v, state[k]) for k, v in trained.state_dict().items())
+
+
+def test_checkpoint_of_another_shape_names_the_key(tmp_path):
+    kw = transformer_kwargs("tiny")
+    state = build_transformer({**kw, "num_layers": 1}, "cpu").state_dict()
+    ckpt = _run(tmp_path, kw, state, preset="tiny")
+    with pytest.raises(WeightsError, match="transformer_blocks.1"):
+        export(ckpt, "bfl", tmp_path / "f.safetensors")
+
+
+def test_bfl_export_loads_through_diffusers_single_file_at_flux_width(tmp_path, monkeypatch):
+    """diffusers' BFL converter hard-codes FLUX.1's width (3072) and MLP ratio: the real width, one block of each
+    kind (0.5 B parameters, made and kept in bf16 only)."""
+    from diffusers import FluxTransformer2DModel
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    kw = {**transformer_kwargs("flux-dev"), "num_layers": 1, "num_single_layers": 1}
+    model = build_transformer(kw, "meta").to(torch.bfloat16).to_empty(device="cpu")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02, generator=g)
+    state = model.state_dict()
+    ckpt = _run(tmp_path, kw, state)
+    f = export(ckpt, "bfl", tmp_path / "flux1.safetensors")
+
+    loaded = FluxTransformer2DModel.from_single_file(str(f), config=str(tmp_path / "shape"), subfolder="transformer",
+                                                     local_files_only=True, torch_dtype=torch.bfloat16)
+    got = loaded.state_dict()
+    assert got.keys() == state.keys()
+    assert all(torch.equal(got[k], state[k]) for k in state)
