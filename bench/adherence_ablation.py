@@ -2,7 +2,8 @@
 
     python bench/adherence_ablation.py --work /tmp/ablation --out bench/ablation --seeds 0 1
 
-Arms, each trained from scratch with the same steps and scored on the held-out complex (and simple) prompt sets:
+Arms, each trained from scratch for the same wall-clock budget and scored on the held-out complex (and simple) prompt
+sets with classifier-free guidance (trained with caption dropout):
   baseline  20% label noise, simple prompts only
   clean     the baseline's shards after `fluxtrain data clean`
   complex   20% label noise, half the scenes complex (`data synth --complex-frac 0.5`)
@@ -102,8 +103,11 @@ def main() -> int:
     ap.add_argument("--chunks", type=int, default=8, help="parallel synth/clean processes per data set")
     ap.add_argument("--config", default="configs/ablation-small.toml")
     ap.add_argument("--preset", default="small")
-    ap.add_argument("--steps", type=int, default=3000)
-    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=20000, help="an upper bound: --max-minutes ends the runs")
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--source", choices=["cache", "webdataset"], default="cache")
+    ap.add_argument("--caption-dropout", type=float, default=0.1, help="for classifier-free guidance at eval")
+    ap.add_argument("--true-cfg", type=float, default=4.0, help="eval's classifier-free guidance scale")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--itc-weight", type=float, default=0.1)
     ap.add_argument("--max-minutes", type=float, default=5.0, help="per arm (all arms run at once)")
@@ -120,6 +124,13 @@ def main() -> int:
     gpus = a.gpus if a.gpus is not None else torch.cuda.device_count()
     t0 = time.time()
     cleaning = make_data(work, a.num, a.chunks)
+    if a.source == "cache":  # latents and embeddings once per data set: training steps skip PNG, VAE and text
+        sets = sorted({d for arm in a.arms for d in [ARMS[arm][0]]})
+        run_all([(PY + ["cache", "--config", str(ROOT / a.config), "--out", str(work / f"cache-{d}"),
+                        "--data.path", str(work / d / "part*" / "*.tar"), "--batch-size", "256"]
+                  + (["--model.encoders", a.encoders] if a.encoders else []),
+                  {"CUDA_VISIBLE_DEVICES": str(i % gpus)} if gpus else {}, work / f"cache-{d}.log")
+                 for i, d in enumerate(sets) if not (work / f"cache-{d}" / "manifest.json").is_file()])
     data_s = time.time() - t0
     print(f"data ready in {data_s:.0f}s: {cleaning}", flush=True)
     if a.data_only:
@@ -130,8 +141,9 @@ def main() -> int:
     for i, (arm, seed) in enumerate(runs):
         data, itc = ARMS[arm]
         run = work / "runs" / f"{arm}-s{seed}"
-        ov = ["train", "--config", str(ROOT / a.config), "--model.preset", a.preset,
-              "--data.path", str(work / data / "part*" / "*.tar"), "--data.seed", str(seed),
+        path = work / f"cache-{data}" if a.source == "cache" else work / data / "part*" / "*.tar"
+        ov = ["train", "--config", str(ROOT / a.config), "--model.preset", a.preset, "--data.source", a.source,
+              "--data.path", str(path), "--data.seed", str(seed), "--data.caption_dropout", str(a.caption_dropout),
               "--train.seed", str(seed), "--train.steps", str(a.steps), "--train.batch_size", str(a.batch),
               "--train.output_dir", str(run), "--optim.lr", str(a.lr), "--checkpoint.interval", str(a.steps),
               "--train.itc_weight", str(a.itc_weight if itc is None else itc)]
@@ -147,7 +159,8 @@ def main() -> int:
             if ckpts:
                 dev = {"CUDA_VISIBLE_DEVICES": str(i % gpus)} if gpus else {}
                 evals.append((PY + ["eval", "--model", str(ckpts[-1]), "--prompts", str(PROMPTS / "complex.txt"),
-                                    "--prompts", str(PROMPTS / "simple.txt"), "--seed", str(es), "--batch", "64",
+                                    "--prompts", str(PROMPTS / "simple.txt"), "--seed", str(es), "--batch", "128",
+                                    "--true-cfg", str(a.true_cfg),
                                     "--out", str(work / "evals" / f"{arm}-s{seed}-e{es}.json")],
                               dev, work / f"eval-{arm}-s{seed}-e{es}.log"))
     (work / "evals").mkdir(exist_ok=True)
@@ -166,7 +179,7 @@ def main() -> int:
                          complex=statistics.mean(cx) if cx else None, simple=statistics.mean(sp) if sp else None,
                          n_complex=sum(s["per_split"]["complex"]["n"] for s in scores)))
         print(json.dumps(rows[-1]), flush=True)
-    result = dict(args=vars(a), cleaning=cleaning, data_s=data_s, gpus=gpus, rows=rows,
+    result = dict(args={k: v for k, v in vars(a).items()}, cleaning=cleaning, data_s=data_s, gpus=gpus, rows=rows,
                   card=torch.cuda.get_device_name(0) if gpus else "CPU")
     (out / "ablation.json").write_text(json.dumps(result, indent=1))
     (out / "ablation.md").write_text(table(result))

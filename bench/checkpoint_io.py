@@ -44,6 +44,7 @@ def main() -> int:
     ap.add_argument("--with-optim", action="store_true")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--repeats", type=int, default=2, help="saves per staging mode (the first one warms up)")
+    ap.add_argument("--staging", nargs="+", default=["sync", "background"], choices=["sync", "background"])
     a, overrides = ap.parse_known_args()  # the rest: config overrides such as --checkpoint.dir URL
     cfg = C.load(None, ["--model.preset", a.preset, "--train.device", a.device, "--train.output_dir", a.run_dir,
                         "--checkpoint.async_save", "true", "--checkpoint.keep", "1", *overrides])
@@ -62,7 +63,7 @@ def main() -> int:
         opt.step()
         opt.zero_grad()
     step = 0
-    for staging in ("sync", "background"):
+    for staging in a.staging:
         ck = Checkpointer(run, dataclasses.replace(cfg.checkpoint, staging=staging), D.rank, D.world_size, D.device)
         for _ in range(a.repeats):
             step += 1

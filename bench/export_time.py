@@ -112,7 +112,7 @@ def time_export(ckpt: Path, fmt: str, dest: Path, dtype: str, threads: int | Non
     cmd = [sys.executable, "-c", _CHILD, str(hwm), "export", "--checkpoint", str(ckpt), "--format", fmt,
            "--out", str(dest), "--dtype", dtype] + (["--threads", str(threads)] if threads else [])
     t0 = time.perf_counter()
-    res = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL)
+    res = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}, stdout=subprocess.DEVNULL)
     seconds = time.perf_counter() - t0
     if res.returncode != 0:
         raise SystemExit(f"export {fmt} failed: {' '.join(cmd)}")

@@ -21,10 +21,9 @@ import os
 import posixpath
 import random
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -34,6 +33,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.tensor import DTensor
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
@@ -147,6 +147,64 @@ def _set_rng_state(st: dict[str, torch.Tensor], device: torch.device) -> None:
         torch.cuda.set_rng_state(st["cuda"], device)
 
 
+class PinnedStager:
+    """DCP async stager: copies the state into host buffers that are kept from save to save, on a side stream, from a
+    thread, so training goes on meanwhile. DCP's DefaultStager can't be reused in torch 2.11 (it forgets its copy
+    tables after one stage), and allocating 24 GB of pinned memory per save costs ~10 s: so the buffers are ours.
+    A save finishes (Checkpointer.wait) before the next one stages, so the buffers are never overwritten early."""
+
+    _synchronize_after_execute = False
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="ckpt-stage")
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    @property
+    def should_synchronize_after_execute(self) -> bool:
+        return False
+
+    def synchronize_staging(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.pool.shutdown()
+
+    def stage(self, state_dict: dict) -> Future:
+        if self.cuda:  # the side stream must see the optimizer's last writes
+            self.stream.wait_stream(torch.cuda.current_stream())
+        return self.pool.submit(self._copy, state_dict)
+
+    def _copy(self, state_dict: dict) -> dict:
+        ctx = torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext()
+        with ctx:
+            out = self._tree(state_dict, "")
+        if self.cuda:
+            self.stream.synchronize()
+        return out
+
+    def _tree(self, x, key: str):
+        if isinstance(x, dict):
+            return {k: self._tree(v, f"{key}/{k}") for k, v in x.items()}
+        if isinstance(x, list):
+            return [self._tree(v, f"{key}/{i}") for i, v in enumerate(x)]
+        if isinstance(x, DTensor):
+            local = self._host(x.to_local(), key)
+            return DTensor.from_local(local, x.device_mesh, x.placements, run_check=False, shape=x.shape,
+                                      stride=x.stride())
+        if isinstance(x, torch.Tensor):
+            return self._host(x, key)
+        return x  # plain values (param_groups' lr, …) are taken as they are now
+
+    def _host(self, t: torch.Tensor, key: str) -> torch.Tensor:
+        buf = self.buffers.get(key)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            buf = self.buffers[key] = torch.empty(t.shape, dtype=t.dtype, pin_memory=self.cuda and t.is_cuda)
+        buf.copy_(t.detach(), non_blocking=self.cuda)
+        return buf
+
+
 @dataclass
 class _Save:
     """An async save in flight."""
@@ -155,7 +213,6 @@ class _Save:
     where: str  # the same as DCP and the user see it (a URL for object stores)
     upload: Future
     staging: Future | None = None  # background staging: done once the state has been copied off the device
-    stager: Any = None
     stall: float = 0.0  # seconds training waited for this save so far
 
 
@@ -175,6 +232,7 @@ class Checkpointer:
         self.background = cfg.async_save and (cfg.staging == "background" or
                                               (cfg.staging == "auto" and device.type == "cuda"))
         self.pending: _Save | None = None
+        self.stager: PinnedStager | None = None
         # async saves finish their collectives in a background thread: on a group of their own, so they never
         # interleave with the training step's collectives on the default group (that deadlocks gloo)
         self.group = dist.new_group(backend="gloo") if cfg.async_save else None
@@ -232,17 +290,11 @@ class Checkpointer:
         if not self.background:  # DCP's default: a pageable host copy, made before async_save returns
             fut = dcp.async_save(state, checkpoint_id=where, storage_writer=writer, process_group=self.group)
             return _Save(step, target, where, fut)
-        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-
-        cuda = self.device.type == "cuda"
-        if cuda:  # the stager copies on a stream of its own, which does not wait for the optimizer's kernels
-            torch.cuda.current_stream(self.device).synchronize()
-        # a stager per save: torch 2.11's clears its copy tables after staging once and can't stage again
-        stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False, use_async_staging=True,
-                                              use_non_blocking_copy=cuda))
+        if self.stager is None:  # kept for the run: its pinned buffers are allocated once, at the first save
+            self.stager = PinnedStager(self.device)
         res = dcp.async_save(state, checkpoint_id=where, storage_writer=writer, process_group=self.group,
-                             async_stager=stager)
-        return _Save(step, target, where, res.upload_completion, res.staging_completion, stager)
+                             async_stager=self.stager)
+        return _Save(step, target, where, res.upload_completion, res.staging_completion)
 
     def staged(self) -> None:
         """Block until the async save in flight holds its own copy of the state; call it before anything changes
@@ -264,13 +316,9 @@ class Checkpointer:
             return
         self.staged()
         self.pending = None
-        try:
-            with _storage(f"rank {self.rank}: cannot write checkpoint {p.where} (the last complete checkpoint is "
-                          "kept)", p.where):
-                p.upload.result()
-        finally:
-            if p.stager is not None:
-                p.stager.close()
+        with _storage(f"rank {self.rank}: cannot write checkpoint {p.where} (the last complete checkpoint is kept)",
+                      p.where):
+            p.upload.result()
         self._publish(p.target, p.step)
 
     def _stalled(self, step: int, seconds: float) -> None:

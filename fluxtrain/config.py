@@ -151,6 +151,9 @@ class EvalConfig:
     interval: int = 0
     num_inference_steps: int = 20
     guidance_scale: float = 3.5
+    # classifier-free guidance against the empty prompt when sampling (diffusers' true_cfg_scale; 1 = off): useful
+    # for models trained with data.caption_dropout > 0
+    true_cfg_scale: float = 1.0
     prompts: list[str] = field(
         default_factory=lambda: [
             "a red circle",

@@ -91,18 +91,23 @@ def transformer_inputs(x_t_packed, sigma, seq, pooled, lat_h, lat_w, guidance: f
 
 @torch.no_grad()
 def sample(transformer, seq, pooled, lat_h, lat_w, *, steps=20, guidance: float | None = 3.5,
-           generator: torch.Generator | None = None, neg=None, cfg_scale: float = 1.0) -> torch.Tensor:
+           generator: torch.Generator | None = None, neg=None, cfg_scale: float = 1.0,
+           noise: torch.Tensor | None = None) -> torch.Tensor:
     """Euler sampling with diffusers' FlowMatchEulerDiscreteScheduler and FLUX's shifted schedule.
 
-    Returns latents [B, C, lat_h, lat_w]. `neg` (seq, pooled) with cfg_scale > 1 gives true classifier-free guidance.
+    Returns latents [B, C, lat_h, lat_w]. `neg` (seq, pooled) with cfg_scale > 1 gives true classifier-free guidance
+    (both branches in one batch). `noise` [B, C, lat_h, lat_w] is the starting point (default: drawn from generator).
     """
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     b = seq.shape[0]
     channels = transformer.config.in_channels // 4
     dev = seq.device
-    x = torch.randn(b, channels, lat_h, lat_w, generator=generator, device="cpu").to(dev)
-    x = pack(x)
+    x = noise if noise is not None else torch.randn(b, channels, lat_h, lat_w, generator=generator, device="cpu")
+    x = pack(x.to(dev))
+    cfg = neg is not None and cfg_scale != 1.0
+    if cfg:
+        seq, pooled = torch.cat([seq, neg[0].expand_as(seq)]), torch.cat([pooled, neg[1].expand_as(pooled)])
     sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                             base_image_seq_len=256, max_image_seq_len=4096)
     import numpy as np
@@ -110,10 +115,11 @@ def sample(transformer, seq, pooled, lat_h, lat_w, *, steps=20, guidance: float 
     sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=shift_mu(x.shape[1]), device=dev)
     dtype = next(transformer.parameters()).dtype
     for t in sched.timesteps:
-        sigma = (t / 1000).expand(b)
-        pred = transformer(**transformer_inputs(x.to(dtype), sigma, seq, pooled, lat_h, lat_w, guidance))[0]
-        if neg is not None and cfg_scale != 1.0:
-            pred_n = transformer(**transformer_inputs(x.to(dtype), sigma, neg[0], neg[1], lat_h, lat_w, guidance))[0]
-            pred = pred_n + cfg_scale * (pred - pred_n)
+        xin = torch.cat([x, x]) if cfg else x
+        sigma = (t / 1000).expand(xin.shape[0])
+        pred = transformer(**transformer_inputs(xin.to(dtype), sigma, seq, pooled, lat_h, lat_w, guidance))[0]
+        if cfg:
+            pred_c, pred_n = pred.chunk(2)
+            pred = pred_n + cfg_scale * (pred_c - pred_n)
         x = sched.step(pred.float(), t, x, return_dict=False)[0]
     return unpack(x, lat_h, lat_w)

@@ -321,7 +321,8 @@ def _sample_grid(model, enc, cfg, run_dir: Path, step: int, D, metrics, ema=None
     guidance = cfg.model.guidance if model.config.guidance_embeds else None
     with weights:
         images = generate(model, enc.text, enc.vae, cfg.eval.prompts, cfg.data.resolution,
-                          steps=cfg.eval.num_inference_steps, guidance=guidance, seed=cfg.eval.seed)
+                          steps=cfg.eval.num_inference_steps, guidance=guidance, seed=cfg.eval.seed,
+                          true_cfg=cfg.eval.true_cfg_scale)
         if cfg.eval.adherence_prompts:  # prompt following on the first N held-out prompts of each split
             from fluxtrain.data.prompts import read_prompts
             from fluxtrain.eval.evaluate import adherence
@@ -330,7 +331,7 @@ def _sample_grid(model, enc, cfg, run_dir: Path, step: int, D, metrics, ema=None
             n = cfg.eval.adherence_prompts
             prompts = read_prompts(folder / "simple.txt")[:n] + read_prompts(folder / "complex.txt")[:n]
             score = adherence(model, enc.text, enc.vae, prompts, cfg.data.resolution, cfg.eval.num_inference_steps,
-                              guidance, cfg.eval.seed, score=D.is_main)
+                              guidance, cfg.eval.seed, score=D.is_main, true_cfg=cfg.eval.true_cfg_scale)
             if D.is_main:
                 metrics.event(step, "eval", adherence=score["overall"], n=score["n"],
                               adherence_simple=score["per_split"].get("simple", {}).get("pass"),

@@ -86,24 +86,25 @@ def clip_score(clip_dir, images: list[Image.Image], texts: list[str], device=Non
 # ------------------------------------------------------------------------------------------------ generation
 
 def generate_batched(transformer, text, vae, prompts: list[str], resolution: int, steps: int,
-                     guidance: float | None, seed: int, batch: int = 16) -> list[Image.Image]:
+                     guidance: float | None, seed: int, batch: int = 16, true_cfg: float = 1.0) -> list[Image.Image]:
     """grid.generate in chunks of `batch` prompts (bounded text-encoder/VAE memory); prompt i always uses seed + i."""
     from fluxtrain.eval.grid import generate
 
     images: list[Image.Image] = []
     for s in range(0, len(prompts), batch):
         images += generate(transformer, text, vae, prompts[s:s + batch], resolution, steps=steps, guidance=guidance,
-                           seed=seed + s)
+                           seed=seed + s, true_cfg=true_cfg)
     return images
 
 
 def adherence(transformer, text, vae, prompts: list[str], resolution: int, steps: int = 20,
-              guidance: float | None = 3.5, seed: int = 0, batch: int = 16, score: bool = True) -> dict:
+              guidance: float | None = 3.5, seed: int = 0, batch: int = 16, score: bool = True,
+              true_cfg: float = 1.0) -> dict:
     """For the trainer: generate one image per prompt and score them with the shapes checker. Every rank must call
     it (a sharded transformer runs collectives); pass score=False on ranks that don't need the numbers (returns {}).
     Returns {"overall", "n", "per_form", "per_split", "per_relation", "n_unparsed", "failed": [prompts]}.
     The caller switches the model to eval() and back, as around the sample grid."""
-    images = generate_batched(transformer, text, vae, prompts, resolution, steps, guidance, seed, batch)
+    images = generate_batched(transformer, text, vae, prompts, resolution, steps, guidance, seed, batch, true_cfg)
     if not score:
         return {}
     summary, results = score_pairs(images, prompts)
@@ -265,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="default: the run's data.resolution, else 64 for a ×4 VAE (tiny) and 512 otherwise")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--guidance", type=float, default=None, help="default: the run's model.guidance, else 3.5")
+    ap.add_argument("--true-cfg", type=float, default=None,
+                    help="classifier-free guidance scale against the empty prompt (default: the run's "
+                         "eval.true_cfg_scale, else 1 = off)")
     ap.add_argument("--limit", type=int, default=None, help="evaluate this many prompts, spread over the sets")
     ap.add_argument("--batch", type=int, default=16, help="prompts per generation chunk")
     ap.add_argument("--clip", default=None, help="local CLIP model folder: also report the mean CLIP score")
@@ -291,12 +295,14 @@ def main(argv: list[str] | None = None) -> int:
     steps = a.steps or (cfg.eval.num_inference_steps if cfg else 20)
     g = a.guidance if a.guidance is not None else (cfg.model.guidance if cfg else 3.5)
     guidance = g if model.config.guidance_embeds else None
-    images = generate_batched(model, text, vae, prompts, res, steps, guidance, a.seed, a.batch)
+    true_cfg = a.true_cfg if a.true_cfg is not None else (cfg.eval.true_cfg_scale if cfg else 1.0)
+    images = generate_batched(model, text, vae, prompts, res, steps, guidance, a.seed, a.batch, true_cfg)
     summary, results = score_pairs(images, prompts)
     overlap, basis = train_overlap(prompts, a.train_shards)
     report = {**summary, "train_overlap": overlap, "train_overlap_basis": basis, "n_prompts": len(prompts),
               "clip_score": None, "model": str(a.model), "prompt_files": [str(f) for f in files],
-              "steps": steps, "resolution": res, "guidance": guidance, "seed": a.seed, "limit": a.limit}
+              "steps": steps, "resolution": res, "guidance": guidance, "true_cfg": true_cfg, "seed": a.seed,
+              "limit": a.limit}
     if a.clip:
         report["clip_score"] = clip_score(a.clip, images, prompts, device)
         report["clip_model"] = str(a.clip)

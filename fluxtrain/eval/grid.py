@@ -12,16 +12,18 @@ from fluxtrain import flow
 
 @torch.no_grad()
 def generate(transformer, text, vae, prompts: list[str], resolution: int, steps: int = 20,
-             guidance: float | None = 3.5, seed: int = 0) -> list[Image.Image]:
-    """One image per prompt; sample i uses seed + i, so a grid is reproducible prompt by prompt."""
+             guidance: float | None = 3.5, seed: int = 0, true_cfg: float = 1.0) -> list[Image.Image]:
+    """One image per prompt, all prompts in one batch; prompt i starts from the noise of seed + i, so a grid is
+    reproducible prompt by prompt. true_cfg > 1: classifier-free guidance against the empty prompt."""
     seq, pooled = text(prompts)
     lat = resolution // vae.downsample
-    lat_list = []
-    for i in range(len(prompts)):
-        g = torch.Generator().manual_seed(seed + i)
-        lat_list.append(flow.sample(transformer, seq[i : i + 1], pooled[i : i + 1], lat, lat, steps=steps,
-                                    guidance=guidance, generator=g))
-    images = vae.decode(torch.cat(lat_list).to(seq.device))
+    channels = transformer.config.in_channels // 4
+    noise = torch.cat([torch.randn(1, channels, lat, lat, generator=torch.Generator().manual_seed(seed + i))
+                       for i in range(len(prompts))])
+    neg = text([""]) if true_cfg != 1.0 else None
+    latents = flow.sample(transformer, seq, pooled, lat, lat, steps=steps, guidance=guidance, noise=noise, neg=neg,
+                          cfg_scale=true_cfg)
+    images = vae.decode(latents.to(seq.device))
     arr = ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(a) for a in arr]
 
