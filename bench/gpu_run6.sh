@@ -18,5 +18,4 @@ timeout 130 python3 bench/export_time.py --preset flux-dev --work /tmp/xb --out 
   --threads 8 2>&1 | grep -v "$F" | tee "$OUT/export.log"
 rm -rf /tmp/xb /dev/shm/xb
 python3 bench/adherence_ablation.py --work $W --out "$OUT" --max-minutes "${MAX_MIN:-3}" 2>&1 | grep -v Warn | tail -16
-mkdir -p "$OUT/evals"; cp "$W"/evals/*.json "$OUT/evals/" 2>/dev/null
 tar -C "$W" -czf "$OUT/runs.tgz" --exclude='*.distcp' --exclude='*.safetensors' runs evals 2>/dev/null; true
