@@ -177,12 +177,39 @@ class PinnedStager:
         return self.pool.submit(self._copy, state_dict)
 
     def _copy(self, state_dict: dict) -> dict:
+        leaves: list[tuple[str, torch.Tensor]] = []
+        self._leaves(state_dict, "", leaves)
+        if any(k not in self.buffers or self.buffers[k].shape != t.shape or self.buffers[k].dtype != t.dtype
+               for k, t in leaves):
+            self._allocate(leaves)
         ctx = torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext()
         with ctx:
             out = self._tree(state_dict, "")
         if self.cuda:
             self.stream.synchronize()
         return out
+
+    def _leaves(self, x, key: str, out: list) -> None:
+        if isinstance(x, dict):
+            for k, v in x.items():
+                self._leaves(v, f"{key}/{k}", out)
+        elif isinstance(x, list):
+            for i, v in enumerate(x):
+                self._leaves(v, f"{key}/{i}", out)
+        elif isinstance(x, torch.Tensor):
+            out.append((key, x.to_local() if isinstance(x, DTensor) else x))
+
+    def _allocate(self, leaves: list[tuple[str, torch.Tensor]]) -> None:
+        """One pinned block carved into every tensor's buffer: per-tensor pinned allocations are rounded up to powers
+        of two by torch's host allocator (up to twice the memory, and much slower to make)."""
+        offsets, total = [], 0
+        for _, t in leaves:
+            offsets.append(total)
+            total += -(-t.numel() * t.element_size() // 64) * 64
+        self.buffers = {}
+        flat = torch.empty(total, dtype=torch.uint8, pin_memory=self.cuda)
+        for (key, t), off in zip(leaves, offsets):
+            self.buffers[key] = flat[off:off + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
 
     def _tree(self, x, key: str):
         if isinstance(x, dict):
@@ -198,9 +225,7 @@ class PinnedStager:
         return x  # plain values (param_groups' lr, …) are taken as they are now
 
     def _host(self, t: torch.Tensor, key: str) -> torch.Tensor:
-        buf = self.buffers.get(key)
-        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
-            buf = self.buffers[key] = torch.empty(t.shape, dtype=t.dtype, pin_memory=self.cuda and t.is_cuda)
+        buf = self.buffers[key]
         buf.copy_(t.detach(), non_blocking=self.cuda)
         return buf
 
