@@ -5,6 +5,10 @@ the shard group), FSDP's unsharded block buffers (bf16 params of the running blo
 gradients before reduce-scatter), activations per sample proportional to layers × tokens × width with a
 bytes-per-element factor per AC mode (calibrated from the 12B runs in bench/RESULTS.md), the frozen encoders when
 they run online, and a fixed allocator/NCCL overhead.
+
+LoRA (`lora.enabled`): the frozen base in `lora.base_dtype` sharded, the adapters' fp32 params, grads and AdamW
+states sharded (16 B/param), and — measured, not yet explained — one full unsharded bf16 copy of the base resident at
+the peak on every GPU (1 and 2 × H200 rows in bench/RESULTS.md, whatever the AC mode): budget for it until found.
 """
 
 from __future__ import annotations
@@ -65,6 +69,14 @@ def predict(cfg: C.Config, gpus: int, kw: dict | None = None) -> Plan:
     p = cfg.parallel
     shard = {"NO_SHARD": 1, "HYBRID_SHARD": p.shard_size or min(gpus, 8)}.get(p.strategy, gpus)
     states = 0.0 if p.cpu_offload else 16 * n / shard
+    lc = cfg.lora
+    if lc.enabled:
+        from fluxtrain import lora
+
+        lora.apply_lora(m, lc.rank, lc.alpha, 0.0, lc.targets or lora.DEFAULT_TARGETS, lc.init, None)
+        adapters = sum(q.numel() for q in m.parameters()) - n
+        base_bytes = 2 if lc.base_dtype == "bf16" else 4
+        states = (0.0 if p.cpu_offload else (base_bytes * n + 16 * adapters) / shard) + 2 * n
     pbytes = 2 if p.mixed_precision == "bf16" else 4
     live_blocks = 1 + max(p.forward_prefetch, p.backward_prefetch)
     buffers = block * pbytes * live_blocks  # gathered params of the running and the prefetched block

@@ -29,6 +29,19 @@ def test_prediction_within_10_percent_of_measured(ac, compiled, batch, measured)
     assert abs(got - measured) / measured <= 0.10, (got, measured)
 
 
+# LoRA rank 16 on a frozen bf16 base, batch 1 (H200; bench/RESULTS.md): (GPUs, AC mode, compile, measured GiB)
+LORA_MEASURED = [(1, "none", True, 50.0), (1, "full", False, 47.7), (2, "none", True, 38.8)]
+LORA = ["--lora.enabled", "true", "--lora.rank", "16", "--lora.alpha", "16", "--lora.base_dtype", "bf16"]
+
+
+@pytest.mark.parametrize("gpus, ac, compiled, measured", LORA_MEASURED)
+def test_lora_prediction_within_10_percent_of_measured(gpus, ac, compiled, measured):
+    cfg = C.load(None, BASE + LORA + ["--parallel.activation_checkpointing", ac, "--train.compile", str(compiled).lower(),
+                                      "--train.batch_size", "1"])
+    got = predict(cfg, gpus=gpus).total_gib
+    assert abs(got - measured) / measured <= 0.10, (got, measured)
+
+
 def test_states_follow_the_arithmetic():
     cfg = C.load(None, BASE)
     # 16 bytes per parameter over the shard group
