@@ -170,11 +170,12 @@ def main(argv: list[str] | None = None) -> int:
         close = difflib.get_close_matches(cmd, COMMANDS, n=1)
         return _die(f"unknown command '{cmd}'" + (f" (did you mean '{close[0]}'?)" if close else "")
                     + f"; commands: {', '.join(COMMANDS)}")
+    from fluxtrain.checkpoint import CheckpointError
     from fluxtrain.config import ConfigError
 
     try:
         return int(COMMANDS[cmd](rest) or 0)
-    except ConfigError as err:
+    except (ConfigError, CheckpointError) as err:
         return _die(str(err))
     except ModuleNotFoundError as err:
         if err.name and err.name.startswith("fluxtrain."):

@@ -20,11 +20,42 @@ THREADS = 4  # blocks in flight; each holds one block in the export dtype (0.7 G
 PIPELINE_PARTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 
 
-def run_config_of(ckpt: Path) -> C.Config:
-    cfg_file = ckpt.parent.parent / "config.toml"
+def _loc(ckpt: str | Path) -> str | Path:
+    """A URL stays a string (Path would fold `s3://` into `s3:/`)."""
+    from fluxtrain.checkpoint import is_url
+
+    return str(ckpt).rstrip("/") if is_url(ckpt) else Path(ckpt)
+
+
+def reader(ckpt: str | Path):
+    """DCP storage reader for a local checkpoint folder or an fsspec URL (s3://…)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+    from fluxtrain.checkpoint import is_url
+
+    return FsspecReader(str(ckpt)) if is_url(ckpt) else FileSystemReader(str(ckpt))
+
+
+def run_config_of(ckpt: str | Path) -> C.Config:
+    """The run's config: the copy inside the checkpoint (wherever it is stored), else <run>/config.toml."""
+    import tomllib
+
+    from fluxtrain.checkpoint import _fs
+
+    fs, path = _fs(ckpt)
+    if fs.isfile(f"{path}/config.toml"):
+        return C.from_dict(tomllib.loads(fs.cat_file(f"{path}/config.toml").decode()), f"{ckpt}/config.toml")
+    cfg_file = Path(str(ckpt)).parent.parent / "config.toml"
     if not cfg_file.is_file():
-        raise C.ConfigError(f"{ckpt}: no config.toml two levels up; is this a run's checkpoints/step-N folder?")
+        raise C.ConfigError(f"{ckpt}: no config.toml inside or two levels up; is this a run's checkpoints/step-N "
+                            "folder?")
     return C.load(cfg_file)
+
+
+def weights_section(cfg: C.Config) -> str:
+    """The checkpoint section exported: the EMA weights where the run keeps them for export."""
+    return "ema" if cfg.ema.enabled and cfg.ema.use_for_export else "model"
 
 
 def _encoders(cfg: C.Config) -> Path | None:
@@ -43,33 +74,30 @@ def _lora_state(ckpt: Path, cfg: C.Config, kw: dict) -> dict[str, torch.Tensor]:
 
     base = (dict(iter_pretrained_state(cfg.model.pretrained, kw["num_attention_heads"] * kw["attention_head_dim"]))
             if cfg.model.pretrained and cfg.model.load_transformer else dict(random_init_state(kw, cfg.train.seed)))
-    section = "ema" if cfg.ema.enabled and cfg.ema.use_for_export else "model"
-    return lora.merge_lora_state(base, lora.lora_state_from_checkpoint(ckpt, section), cfg.lora.alpha, cfg.lora.rank)
+    return lora.merge_lora_state(base, lora.lora_state_from_checkpoint(ckpt, weights_section(cfg)), cfg.lora.alpha,
+                                 cfg.lora.rank)
 
 
-def _check_fits(ckpt: Path, shapes: dict[str, torch.Size]) -> None:
+def _check_fits(ckpt, shapes: dict[str, torch.Size], section: str = "model") -> None:
     """The checkpoint's model has these tensors at these shapes (from its metadata alone), or the first misfit is
     named."""
-    from torch.distributed.checkpoint import FileSystemReader
-
     from fluxtrain.models.flux import WeightsError
 
-    meta = FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+    meta = reader(ckpt).read_metadata().state_dict_metadata
     for k, shape in shapes.items():
-        got = getattr(meta.get(f"model.{k}"), "size", None)
+        got = getattr(meta.get(f"{section}.{k}"), "size", None)
         if got != shape:
             raise WeightsError(f"{ckpt} does not fit the run's model at '{k}': checkpoint "
                                f"{'has none' if got is None else tuple(got)}, model {tuple(shape)}")
 
 
-def _read(ckpt: Path, into: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Fill `into` (model keys → tensors of any dtype: DCP casts as it copies) from the checkpoint's model, reading
-    only those keys, without a process group (DCP reassembles the shards)."""
+def _read(ckpt, into: dict[str, torch.Tensor], section: str = "model") -> dict[str, torch.Tensor]:
+    """Fill `into` (model keys → tensors of any dtype: DCP casts as it copies) from the checkpoint's `section`
+    ("model" or "ema"), reading only those keys, without a process group (DCP reassembles the shards)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import FileSystemReader
 
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # no process group, on purpose
-    dcp.load({"model": into}, storage_reader=FileSystemReader(str(ckpt)), no_dist=True)
+    dcp.load({section: into}, storage_reader=reader(ckpt), no_dist=True)
     return into
 
 
@@ -79,7 +107,7 @@ def load_checkpoint_model(ckpt: str | Path):
     from fluxtrain.models.flux import build_transformer
     from fluxtrain.models.setup import model_kwargs
 
-    ckpt = Path(ckpt)
+    ckpt = _loc(ckpt)
     cfg = run_config_of(ckpt)
     kw = model_kwargs(cfg)
     model = build_transformer(kw, device="cpu")
@@ -87,8 +115,8 @@ def load_checkpoint_model(ckpt: str | Path):
         model.load_state_dict(_lora_state(ckpt, cfg, kw))
     else:
         own = model.state_dict()  # the parameters themselves: DCP loads in place
-        _check_fits(ckpt, {k: v.shape for k, v in own.items()})
-        _read(ckpt, own)
+        _check_fits(ckpt, {k: v.shape for k, v in own.items()}, weights_section(cfg))
+        _read(ckpt, own, weights_section(cfg))
     return model, cfg, _encoders(cfg)
 
 
@@ -120,7 +148,7 @@ def export_lora(ckpt: str | Path, out: str | Path, dtype: str = "bf16") -> Path:
     """A LoRA run's adapters in the folder format FluxPipeline.load_lora_weights reads."""
     from fluxtrain import lora
 
-    cfg = run_config_of(Path(ckpt))
+    cfg = run_config_of(_loc(ckpt))
     if not cfg.lora.enabled:
         raise C.ConfigError(f"{ckpt} is not a LoRA run (lora.enabled = false): export --format diffusers or bfl")
     section = "ema" if cfg.ema.enabled and cfg.ema.use_for_export else "model"
@@ -138,8 +166,9 @@ def export(ckpt: str | Path, fmt: str, out: str | Path, dtype: str = "bf16", thr
     from fluxtrain.models.flux import SHARD_BYTES, SafetensorsWriter, build_transformer, diffusers_writer
     from fluxtrain.models.setup import model_kwargs
 
-    ckpt, out = Path(ckpt), Path(out)
+    ckpt, out = _loc(ckpt), Path(out)
     cfg = run_config_of(ckpt)
+    section = weights_section(cfg)
     kw = model_kwargs(cfg)
     dt = torch.bfloat16 if dtype == "bf16" else torch.float32
     ref = build_transformer(kw, device="meta")  # names, shapes and config, without memory
@@ -148,8 +177,8 @@ def export(ckpt: str | Path, fmt: str, out: str | Path, dtype: str = "bf16", thr
         state = _lora_state(ckpt, cfg, kw)
         read = lambda keys: {k: state.pop(k).to(dt) for k in keys}  # noqa: E731 — each block freed once written
     else:
-        _check_fits(ckpt, {k: v.shape for k, v in plan.items()})
-        read = lambda keys: _read(ckpt, {k: torch.empty(plan[k].shape, dtype=dt) for k in keys})  # noqa: E731
+        _check_fits(ckpt, {k: v.shape for k, v in plan.items()}, section)
+        read = lambda keys: _read(ckpt, {k: torch.empty(plan[k].shape, dtype=dt) for k in keys}, section)  # noqa: E731
     if fmt == "diffusers":
         folder = _encoders(cfg)
         for part in PIPELINE_PARTS:

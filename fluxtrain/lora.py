@@ -360,15 +360,16 @@ def lora_state_from_checkpoint(ckpt: str | Path, section: str = "model",
     """The adapter weights of a DCP training checkpoint (`section` "model" or "ema"), read without a process
     group (DCP reassembles the shards), under diffusers names."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    meta = FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+    from fluxtrain.export import reader
+
+    meta = reader(ckpt).read_metadata().state_dict_metadata
     head = section + "."
     want = {k[len(head):]: torch.empty(m.size, dtype=m.properties.dtype)
             for k, m in meta.items() if k.startswith(head) and _is_lora(k) and isinstance(m, TensorStorageMetadata)}
     if not want:
         raise LoraError(f"{ckpt}: no LoRA weights under '{section}' (was the run trained with LoRA?)")
     state = {section: want}
-    dcp.load(state, checkpoint_id=str(ckpt))
+    dcp.load(state, storage_reader=reader(ckpt))
     return {prefix + peft_name(k): v for k, v in state[section].items()}

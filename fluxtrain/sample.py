@@ -26,7 +26,7 @@ def load_for_inference(model_path: str | Path, device: torch.device):
     else:
         from fluxtrain.export import load_checkpoint_model
 
-        model, cfg, folder = load_checkpoint_model(p)
+        model, cfg, folder = load_checkpoint_model(model_path)
     dev_dtype = torch.float32
     text = TextEncoders(folder, max_tokens=cfg.model.max_text_tokens if cfg else 512, dtype=dev_dtype).to(device)
     vae = Autoencoder(folder, dtype=dev_dtype).to(device)

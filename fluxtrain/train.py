@@ -257,6 +257,8 @@ def _train(cfg: C.Config, D: pmesh.Dist, run_dir: Path, log) -> dict:
             row = {"loss": loss_val, "lr": sched.get_last_lr()[0], "grad_norm": gnorm if ok else None,
                    **thr.report(cfg.log.interval), **memory_stats(D.device),
                    "data_skipped": getattr(data, "skipped", 0), "nonfinite_steps": counters["nonfinite_total"]}
+            if cfg.data.caption_augment > 0:  # samples whose caption could not be composed (no scene metadata)
+                row["captions_without_scene"] = getattr(data, "no_scene", 0)
             metrics.log(step, row)
             progress.update(step, row)
         if cfg.eval.interval and step % cfg.eval.interval == 0:

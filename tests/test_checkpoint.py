@@ -136,3 +136,11 @@ def test_export_round_trip_matches_the_trained_model(reference, tmp_path):
     m = build_transformer(dict(trained.config), "cpu")
     load_state_into(m, iter_pretrained_state(tmp_path / "f.safetensors", inner_dim=128))
     assert torch.equal(trained(**args)[0], m(**args)[0])
+
+
+def test_resume_from_a_missing_checkpoint_is_one_line(tmp_path):
+    res = fluxtrain(["train", "--config", "configs/tiny.toml", *FAST, "--checkpoint.resume", "/nonexistent/step-1",
+                     "--train.output_dir", str(tmp_path / "run")], timeout=120)
+    assert res.returncode != 0
+    assert "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert "fluxtrain: error: checkpoint.resume = /nonexistent/step-1: not a complete checkpoint" in res.stderr

@@ -107,3 +107,21 @@ def test_bfl_export_loads_through_diffusers_single_file_at_flux_width(tmp_path, 
     got = loaded.state_dict()
     assert got.keys() == state.keys()
     assert all(torch.equal(got[k], state[k]) for k in state)
+
+
+def test_ema_runs_export_the_ema_weights_from_the_config_inside_the_checkpoint(tmp_path):
+    """ema.use_for_export: the checkpoint's "ema" section is written, not the raw weights; the run's config is read
+    from the copy inside the checkpoint (checkpoints stored away from their run, e.g. on S3)."""
+    kw = transformer_kwargs("tiny")
+    raw = {k: v.clone() for k, v in build_transformer(kw, device="cpu").state_dict().items()}
+    ema = {k: v + 0.5 for k, v in raw.items()}
+    ckpt = tmp_path / "elsewhere" / "step-00000001"
+    dcp.save({"model": raw, "ema": ema}, checkpoint_id=str(ckpt), no_dist=True)
+    cfg = C.load(None, ["--model.preset", "tiny", "--ema.enabled", "true"])
+    C.save(cfg, ckpt / "config.toml")
+    got = _tensors(export(ckpt, "diffusers", tmp_path / "out", dtype="fp32") / "transformer")
+    assert got.keys() == ema.keys() and all(torch.equal(got[k], ema[k]) for k in ema)
+    C.save(C.load(None, ["--model.preset", "tiny", "--ema.enabled", "true", "--ema.use_for_export", "false"]),
+           ckpt / "config.toml")
+    got = _tensors(export(ckpt, "diffusers", tmp_path / "raw", dtype="fp32") / "transformer")
+    assert all(torch.equal(got[k], raw[k]) for k in raw)
