@@ -31,7 +31,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
-from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.tensor import DTensor
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
@@ -55,6 +56,11 @@ def _fs(loc):
     from fsspec.core import url_to_fs
 
     return url_to_fs(str(loc))
+
+
+def storage_reader(loc) -> FileSystemReader | FsspecReader:
+    """DCP's reader for a checkpoint in a local folder or at an fsspec URL (s3://…)."""
+    return FsspecReader(str(loc)) if is_url(loc) else FileSystemReader(str(loc))
 
 
 def checkpoint_root(run_dir: str | Path, ckpt_dir: str = "") -> Path | str:

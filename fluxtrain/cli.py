@@ -110,7 +110,7 @@ def cmd_data(argv: list[str]) -> int:
 
 def cmd_sample(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="fluxtrain sample")
-    ap.add_argument("--model", required=True, help="a diffusers FLUX folder, or a run's checkpoints/step-N folder")
+    ap.add_argument("--model", required=True, help="a diffusers FLUX folder, or a checkpoint step-N folder or URL (s3://…)")
     ap.add_argument("--prompt", action="append", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--resolution", type=int, default=None)
@@ -170,17 +170,23 @@ def main(argv: list[str] | None = None) -> int:
         close = difflib.get_close_matches(cmd, COMMANDS, n=1)
         return _die(f"unknown command '{cmd}'" + (f" (did you mean '{close[0]}'?)" if close else "")
                     + f"; commands: {', '.join(COMMANDS)}")
-    from fluxtrain.checkpoint import CheckpointError
     from fluxtrain.config import ConfigError
 
     try:
         return int(COMMANDS[cmd](rest) or 0)
-    except (ConfigError, CheckpointError) as err:
+    except ConfigError as err:
         return _die(str(err))
     except ModuleNotFoundError as err:
         if err.name and err.name.startswith("fluxtrain."):
             return _die(f"'fluxtrain {cmd}' is not available in this version ({err.name} missing)")
         raise
+    except RuntimeError as err:
+        # CheckpointError, looked up only where raised: importing fluxtrain.checkpoint (torch) here would cost every
+        # light command (plan, report) 2 s
+        ckpt = sys.modules.get("fluxtrain.checkpoint")
+        if ckpt is None or not isinstance(err, ckpt.CheckpointError):
+            raise
+        return _die(str(err))
 
 
 if __name__ == "__main__":

@@ -8,13 +8,17 @@ planned up front from the model's shapes, by a few threads at once. Memory holds
 from __future__ import annotations
 
 import argparse
+import posixpath
 import shutil
+import tomllib
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
 import torch
 
 from fluxtrain import config as C
+from fluxtrain.checkpoint import _fs, _storage, is_url, storage_reader
 
 THREADS = 4  # blocks in flight; each holds one block in the export dtype (0.7 GB for FLUX.1-dev's double blocks)
 PIPELINE_PARTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
@@ -22,35 +26,20 @@ PIPELINE_PARTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokeniz
 
 def _loc(ckpt: str | Path) -> str | Path:
     """A URL stays a string (Path would fold `s3://` into `s3:/`)."""
-    from fluxtrain.checkpoint import is_url
-
     return str(ckpt).rstrip("/") if is_url(ckpt) else Path(ckpt)
 
 
-def reader(ckpt: str | Path):
-    """DCP storage reader for a local checkpoint folder or an fsspec URL (s3://…)."""
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
-
-    from fluxtrain.checkpoint import is_url
-
-    return FsspecReader(str(ckpt)) if is_url(ckpt) else FileSystemReader(str(ckpt))
-
-
 def run_config_of(ckpt: str | Path) -> C.Config:
-    """The run's config: the copy inside the checkpoint (wherever it is stored), else <run>/config.toml."""
-    import tomllib
-
-    from fluxtrain.checkpoint import _fs
-
-    fs, path = _fs(ckpt)
-    if fs.isfile(f"{path}/config.toml"):
-        return C.from_dict(tomllib.loads(fs.cat_file(f"{path}/config.toml").decode()), f"{ckpt}/config.toml")
-    cfg_file = Path(str(ckpt)).parent.parent / "config.toml"
-    if not cfg_file.is_file():
-        raise C.ConfigError(f"{ckpt}: no config.toml inside or two levels up; is this a run's checkpoints/step-N "
-                            "folder?")
-    return C.load(cfg_file)
+    """The run's config: the copy inside the checkpoint (wherever it is stored), else <run>/config.toml two levels up
+    (checkpoints saved before the copy existed)."""
+    with _storage(f"cannot read {ckpt}", ckpt):
+        fs, path = _fs(ckpt)
+        run = posixpath.dirname(posixpath.dirname(path))
+        found = next((f for f in (f"{path}/config.toml", f"{run}/config.toml") if fs.isfile(f)), None)
+        text = found and fs.cat_file(found).decode()
+    if found is None:
+        raise C.ConfigError(f"{ckpt}: no config.toml inside or two levels up; is this a checkpoints/step-N folder?")
+    return C.from_dict(tomllib.loads(text), fs.unstrip_protocol(found) if is_url(ckpt) else found)
 
 
 def weights_section(cfg: C.Config) -> str:
@@ -67,7 +56,7 @@ def _encoders(cfg: C.Config) -> Path | None:
         return None
 
 
-def _lora_state(ckpt: Path, cfg: C.Config, kw: dict) -> dict[str, torch.Tensor]:
+def _lora_state(ckpt: str | Path, cfg: C.Config, kw: dict) -> dict[str, torch.Tensor]:
     """A LoRA run's transformer: the checkpoint holds adapters only, merged here into the base it references."""
     from fluxtrain import lora
     from fluxtrain.models.flux import iter_pretrained_state, random_init_state
@@ -83,7 +72,7 @@ def _check_fits(ckpt, shapes: dict[str, torch.Size], section: str = "model") -> 
     named."""
     from fluxtrain.models.flux import WeightsError
 
-    meta = reader(ckpt).read_metadata().state_dict_metadata
+    meta = storage_reader(ckpt).read_metadata().state_dict_metadata
     for k, shape in shapes.items():
         got = getattr(meta.get(f"{section}.{k}"), "size", None)
         if got != shape:
@@ -97,7 +86,7 @@ def _read(ckpt, into: dict[str, torch.Tensor], section: str = "model") -> dict[s
     import torch.distributed.checkpoint as dcp
 
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # no process group, on purpose
-    dcp.load({section: into}, storage_reader=reader(ckpt), no_dist=True)
+    dcp.load({section: into}, storage_reader=storage_reader(ckpt), no_dist=True)
     return into
 
 
@@ -148,12 +137,12 @@ def export_lora(ckpt: str | Path, out: str | Path, dtype: str = "bf16") -> Path:
     """A LoRA run's adapters in the folder format FluxPipeline.load_lora_weights reads."""
     from fluxtrain import lora
 
-    cfg = run_config_of(_loc(ckpt))
+    ckpt = _loc(ckpt)
+    cfg = run_config_of(ckpt)
     if not cfg.lora.enabled:
         raise C.ConfigError(f"{ckpt} is not a LoRA run (lora.enabled = false): export --format diffusers or bfl")
-    section = "ema" if cfg.ema.enabled and cfg.ema.use_for_export else "model"
     meta = lora.lora_metadata(cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets or lora.DEFAULT_TARGETS)
-    return lora.write_lora(lora.lora_state_from_checkpoint(ckpt, section), out, meta,
+    return lora.write_lora(lora.lora_state_from_checkpoint(ckpt, weights_section(cfg)), out, meta,
                            dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
 
 
@@ -201,7 +190,7 @@ def export(ckpt: str | Path, fmt: str, out: str | Path, dtype: str = "bf16", thr
 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="fluxtrain export")
-    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--checkpoint", required=True, help="a checkpoint step-N folder or URL (s3://…)")
     ap.add_argument("--format", choices=["diffusers", "bfl", "lora"], default="diffusers",
                     help="diffusers folder, BFL single file, or (LoRA runs) the adapters alone; LoRA runs export "
                          "merged weights for diffusers/bfl")

@@ -362,14 +362,14 @@ def lora_state_from_checkpoint(ckpt: str | Path, section: str = "model",
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    from fluxtrain.export import reader
+    from fluxtrain.checkpoint import storage_reader
 
-    meta = reader(ckpt).read_metadata().state_dict_metadata
+    meta = storage_reader(ckpt).read_metadata().state_dict_metadata
     head = section + "."
     want = {k[len(head):]: torch.empty(m.size, dtype=m.properties.dtype)
             for k, m in meta.items() if k.startswith(head) and _is_lora(k) and isinstance(m, TensorStorageMetadata)}
     if not want:
         raise LoraError(f"{ckpt}: no LoRA weights under '{section}' (was the run trained with LoRA?)")
     state = {section: want}
-    dcp.load(state, storage_reader=reader(ckpt))
+    dcp.load(state, storage_reader=storage_reader(ckpt))
     return {prefix + peft_name(k): v for k, v in state[section].items()}

@@ -10,13 +10,15 @@ from fluxtrain import config as C
 
 
 def load_for_inference(model_path: str | Path, device: torch.device):
-    """(transformer, text encoders, vae, run config or None) from a diffusers folder or a checkpoint folder."""
+    """(transformer, text encoders, vae, run config or None) from a diffusers folder or a checkpoint (a folder or an
+    fsspec URL such as s3://…)."""
+    from fluxtrain.checkpoint import is_url
     from fluxtrain.models.encoders import Autoencoder, TextEncoders
     from fluxtrain.models.flux import build_transformer, iter_pretrained_state, load_state_into, pretrained_kwargs
 
-    p = Path(model_path)
+    p = Path(model_path)  # only looked at for local paths: Path folds a URL's `s3://` into `s3:/`
     cfg = None
-    if (p / "model_index.json").is_file() or p.suffix == ".safetensors":
+    if not is_url(model_path) and ((p / "model_index.json").is_file() or p.suffix == ".safetensors"):
         kw = pretrained_kwargs(p) if p.is_dir() else None
         if kw is None:
             raise C.ConfigError(f"{p}: a BFL single file needs a config; sample from a diffusers folder instead")

@@ -123,6 +123,16 @@ def forward_backward(model, enc: Encoders, batch: dict, cfg: C.Config, device, s
     return loss.detach()
 
 
+def data_counts(data, cfg: C.Config) -> dict[str, int]:
+    """This rank's loader counters for the metrics row: samples skipped as unreadable and, with
+    data.caption_augment, samples that kept their own caption for want of scene metadata (loaders without the
+    counters report 0)."""
+    row = {"data_skipped": getattr(data, "skipped", 0)}
+    if cfg.data.caption_augment > 0:
+        row["captions_without_scene"] = getattr(data, "no_scene", 0)
+    return row
+
+
 def clip_and_step(model, opt, sched, max_norm: float, cfg: C.Config, ema=None, step: int = 0) -> tuple[float, bool]:
     """Clip over the sharded gradients; skip the step (on every rank alike: the norm is global) if non-finite."""
     norm = clip_grad_norm(model, max_norm)
@@ -255,10 +265,8 @@ def _train(cfg: C.Config, D: pmesh.Dist, run_dir: Path, log) -> dict:
             nonfinite_run = 0
         if step % cfg.log.interval == 0 or step == tc.steps:
             row = {"loss": loss_val, "lr": sched.get_last_lr()[0], "grad_norm": gnorm if ok else None,
-                   **thr.report(cfg.log.interval), **memory_stats(D.device),
-                   "data_skipped": getattr(data, "skipped", 0), "nonfinite_steps": counters["nonfinite_total"]}
-            if cfg.data.caption_augment > 0:  # samples whose caption could not be composed (no scene metadata)
-                row["captions_without_scene"] = getattr(data, "no_scene", 0)
+                   **thr.report(cfg.log.interval), **memory_stats(D.device), **data_counts(data, cfg),
+                   "nonfinite_steps": counters["nonfinite_total"]}
             metrics.log(step, row)
             progress.update(step, row)
         if cfg.eval.interval and step % cfg.eval.interval == 0:

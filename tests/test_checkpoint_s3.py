@@ -7,8 +7,11 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from fluxtrain.checkpoint import complete_checkpoints, find_resume
+from fluxtrain.export import export
+from fluxtrain.sample import load_for_inference
 from tests.helpers import FAST, ROOT, env, events, free_port, losses, torchrun
 
 BUCKET = "fluxtrain-test"
@@ -51,19 +54,20 @@ def test_async_saves_to_s3_resume_bitwise_and_skip_unpublished(s3, tmp_path):
     # retention (keep 2) deleted step 4; every checkpoint names its run's config wherever it is stored
     assert complete_checkpoints(URL) == [f"{URL}/step-00000008", f"{URL}/step-00000012"]
     assert not fs.exists(f"{URL}/step-00000004") and fs.exists(f"{URL}/step-00000012/config.toml")
-    # export straight from the bucket (config from inside the checkpoint): the trained weights, in diffusers layout
-    exp = subprocess.run([sys.executable, "-m", "fluxtrain", "export", "--checkpoint", f"{URL}/step-00000012",
-                          "--format", "diffusers", "--dtype", "fp32", "--out", str(tmp_path / "exp")], cwd=ROOT,
-                         env=env(), capture_output=True, text=True, timeout=300)
+    # export straight from the bucket (the config read from inside the checkpoint) equals an export of a local copy,
+    # and sample/eval load the same weights from the URL
+    step12 = f"{URL}/step-00000012"
+    exp = subprocess.run([sys.executable, "-m", "fluxtrain", "export", "--checkpoint", step12, "--format", "diffusers",
+                          "--dtype", "fp32", "--out", str(tmp_path / "exp")], cwd=ROOT, env=env(),
+                         capture_output=True, text=True, timeout=300)
     assert exp.returncode == 0, exp.stderr[-3000:]
-    from safetensors.torch import load_file
-
-    from fluxtrain.export import load_checkpoint_model
-
-    model, _, _ = load_checkpoint_model(f"{URL}/step-00000012")
-    got = load_file(str(tmp_path / "exp" / "transformer" / "diffusion_pytorch_model.safetensors"))
-    assert got.keys() == model.state_dict().keys()
-    assert all(torch.equal(got[k], v) for k, v in model.state_dict().items())
+    fs.get(step12, str(tmp_path / "copy" / "step-00000012"), recursive=True)
+    local = export(tmp_path / "copy" / "step-00000012", "diffusers", tmp_path / "exp-local", dtype="fp32")
+    got, want = (load_file(str(d / "transformer" / "diffusion_pytorch_model.safetensors"))
+                 for d in (tmp_path / "exp", local))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], v) for k, v in want.items())
+    sampled = load_for_inference(step12, torch.device("cpu"))[0].state_dict()
+    assert all(torch.equal(sampled[k], v) for k, v in want.items())
     # a save cut short: one rank's data and the marker missing; resume = auto must take step 8, saved async
     fs.rm([f"{URL}/step-00000012/COMPLETE", f"{URL}/step-00000012/__1_0.distcp"])
     assert find_resume(tmp_path, "auto", URL) == f"{URL}/step-00000008"

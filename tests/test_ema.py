@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fluxtrain.ema import EMA
-from tests.helpers import ROOT, torchrun
+from tests.helpers import FAST, ROOT, fluxtrain, torchrun
 
 
 def _toy():
@@ -95,3 +95,24 @@ def test_ema_dcp_round_trip_exact_and_reshards_to_one_process(run):
     state = {"ema": {k: torch.empty_like(v) for k, v in full.items()}}
     dcp.load(state, checkpoint_id=str(out / "ckpt"))  # no process group: DCP reassembles the 2 ranks' shards
     assert all(torch.equal(state["ema"][k], v) for k, v in full.items())
+
+
+def test_full_fine_tune_export_writes_the_checkpoints_ema(tmp_path):
+    """ema.use_for_export (the default) through the real trainer: a full fine-tune's export holds the checkpoint's
+    "ema" section, not its raw weights."""
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import load_file
+
+    from fluxtrain.export import export
+
+    run = tmp_path / "run"
+    res = fluxtrain(["train", "--config", "configs/tiny.toml", *FAST, "--train.steps", "3", "--ema.enabled", "true",
+                     "--ema.decay", "0.5", "--train.output_dir", str(run)])
+    assert res.returncode == 0, res.stderr[-3000:]
+    ckpt = run / "checkpoints" / "step-00000003"
+    got = load_file(str(export(ckpt, "diffusers", tmp_path / "exp", dtype="fp32") / "transformer" /
+                        "diffusion_pytorch_model.safetensors"))
+    saved = {s: {k: torch.empty_like(v) for k, v in got.items()} for s in ("model", "ema")}
+    dcp.load(saved, checkpoint_id=str(ckpt), no_dist=True)
+    assert all(torch.equal(got[k], v) for k, v in saved["ema"].items())
+    assert not all(torch.equal(got[k], v) for k, v in saved["model"].items())

@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         return checker_main(argv[1:])
     ap = argparse.ArgumentParser(prog="fluxtrain eval", description="prompt adherence on held-out prompts "
                                  "(use `fluxtrain eval checker --shards GLOB` to score existing pairs)")
-    ap.add_argument("--model", required=True, help="a diffusers FLUX folder or a run's checkpoints/step-N folder")
+    ap.add_argument("--model", required=True, help="a diffusers FLUX folder or a checkpoint step-N folder or URL (s3://…)")
     ap.add_argument("--prompts", action="append", default=None,
                     help="prompt file (one a line; repeatable); default: the shipped simple and complex sets")
     ap.add_argument("--out", default="eval.json")

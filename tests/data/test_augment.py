@@ -16,6 +16,7 @@ from fluxtrain.data.prompts import FLIP, heldout_prompts, layout, parse_prompt
 from fluxtrain.data.synthetic import SyntheticShapes, render, write_shards
 from fluxtrain.data.webdataset import build_webdataset_loader
 from fluxtrain.eval.shapes_checker import check
+from fluxtrain.train import data_counts
 
 
 def clauses(caption: str) -> set[str]:
@@ -137,6 +138,8 @@ def test_webdataset_counts_samples_without_metadata_and_resumes_exactly(tmp_path
     a = build_webdataset_loader(cfg, 0, 1)
     ref = [next(a) for _ in range(8)]  # one epoch
     assert a.no_scene == 8 and a.state_dict()["no_scene"] == 8
+    assert data_counts(a, cfg) == {"data_skipped": 0, "captions_without_scene": 8}  # the metrics row's fields
+    assert data_counts(a, C.from_dict({})) == {"data_skipped": 0}  # no augmentation, no column
     assert caplog.text.count("sample(s) so far without usable scene metadata") == 1  # logged at 1, 10, 100, …
     caps = {k: c for b in ref for k, c in zip(b["keys"], b["captions"])}
     bare = {k for k in caps if int(k[-2:]) % 4 == 0}
