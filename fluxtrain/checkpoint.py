@@ -63,11 +63,14 @@ def storage_reader(loc) -> FileSystemReader | FsspecReader:
     return FsspecReader(str(loc)) if is_url(loc) else FileSystemReader(str(loc))
 
 
+def location(loc: str | Path) -> str | Path:
+    """A local folder as a Path, a URL as a string (Path would fold `s3://` into `s3:/`)."""
+    return str(loc).rstrip("/") if is_url(loc) else Path(loc)
+
+
 def checkpoint_root(run_dir: str | Path, ckpt_dir: str = "") -> Path | str:
     """Where a run's checkpoints live: `checkpoint.dir` (a local folder or URL), else <output_dir>/checkpoints."""
-    if not ckpt_dir:
-        return Path(run_dir) / "checkpoints"
-    return ckpt_dir.rstrip("/") if is_url(ckpt_dir) else Path(ckpt_dir)
+    return location(ckpt_dir) if ckpt_dir else Path(run_dir) / "checkpoints"
 
 
 def _reason(err: BaseException) -> str:
@@ -121,7 +124,7 @@ def find_resume(run_dir: str | Path, resume: str, ckpt_dir: str = "") -> Path | 
     if not ok:
         raise CheckpointError(f"checkpoint.resume = {resume}: not a complete checkpoint (no {DONE} marker); "
                               "give a checkpoints/step-XXXXXXXX folder or 'auto'")
-    return resume.rstrip("/") if is_url(resume) else Path(resume)
+    return location(resume)
 
 
 def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:

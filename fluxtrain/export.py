@@ -18,15 +18,10 @@ from pathlib import Path
 import torch
 
 from fluxtrain import config as C
-from fluxtrain.checkpoint import _fs, _storage, is_url, storage_reader
+from fluxtrain.checkpoint import _fs, _storage, is_url, location, storage_reader
 
 THREADS = 4  # blocks in flight; each holds one block in the export dtype (0.7 GB for FLUX.1-dev's double blocks)
 PIPELINE_PARTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
-
-
-def _loc(ckpt: str | Path) -> str | Path:
-    """A URL stays a string (Path would fold `s3://` into `s3:/`)."""
-    return str(ckpt).rstrip("/") if is_url(ckpt) else Path(ckpt)
 
 
 def run_config_of(ckpt: str | Path) -> C.Config:
@@ -96,7 +91,7 @@ def load_checkpoint_model(ckpt: str | Path):
     from fluxtrain.models.flux import build_transformer
     from fluxtrain.models.setup import model_kwargs
 
-    ckpt = _loc(ckpt)
+    ckpt = location(ckpt)
     cfg = run_config_of(ckpt)
     kw = model_kwargs(cfg)
     model = build_transformer(kw, device="cpu")
@@ -137,7 +132,7 @@ def export_lora(ckpt: str | Path, out: str | Path, dtype: str = "bf16") -> Path:
     """A LoRA run's adapters in the folder format FluxPipeline.load_lora_weights reads."""
     from fluxtrain import lora
 
-    ckpt = _loc(ckpt)
+    ckpt = location(ckpt)
     cfg = run_config_of(ckpt)
     if not cfg.lora.enabled:
         raise C.ConfigError(f"{ckpt} is not a LoRA run (lora.enabled = false): export --format diffusers or bfl")
@@ -155,7 +150,7 @@ def export(ckpt: str | Path, fmt: str, out: str | Path, dtype: str = "bf16", thr
     from fluxtrain.models.flux import SHARD_BYTES, SafetensorsWriter, build_transformer, diffusers_writer
     from fluxtrain.models.setup import model_kwargs
 
-    ckpt, out = _loc(ckpt), Path(out)
+    ckpt, out = location(ckpt), Path(out)
     cfg = run_config_of(ckpt)
     section = weights_section(cfg)
     kw = model_kwargs(cfg)
