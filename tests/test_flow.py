@@ -39,3 +39,26 @@ def test_sigma_sampling_and_shift():
     shifted = flow.sample_sigmas(4096, 4096, "logit_normal", generator=g, shift=True)
     assert float(shifted.median()) > 0.7  # 1024² images get noisier timesteps (mu = 1.15)
     assert abs(flow.shift_mu(256) - 0.5) < 1e-9 and abs(flow.shift_mu(4096) - 1.15) < 1e-9
+
+
+def test_true_cfg_combines_the_branches_of_one_batch():
+    """cfg_scale 0 keeps only the unconditional branch: the result must equal sampling the negative prompt alone;
+    scale 1 is plain sampling of the prompt (no negative pass)."""
+    from fluxtrain.models.flux import build_transformer
+    from fluxtrain.models.presets import transformer_kwargs
+
+    torch.manual_seed(0)
+    model = build_transformer(transformer_kwargs("tiny"), device="cpu").eval()
+    seq, pooled = torch.randn(2, 8, 64), torch.randn(2, 64)
+    neg = (torch.randn(1, 8, 64), torch.randn(1, 64))
+    noise = torch.randn(2, 16, 8, 8)
+    kw = dict(steps=3, guidance=1.0, noise=noise)
+    with torch.no_grad():
+        only_neg = flow.sample(model, neg[0].expand(2, -1, -1), neg[1].expand(2, -1), 8, 8, **kw)
+        zero = flow.sample(model, seq, pooled, 8, 8, neg=neg, cfg_scale=0.0, **kw)
+        plain = flow.sample(model, seq, pooled, 8, 8, **kw)
+        one = flow.sample(model, seq, pooled, 8, 8, neg=neg, cfg_scale=1.0, **kw)
+        four = flow.sample(model, seq, pooled, 8, 8, neg=neg, cfg_scale=4.0, **kw)
+    torch.testing.assert_close(zero, only_neg, atol=1e-5, rtol=1e-5)
+    assert torch.equal(one, plain)
+    assert not torch.allclose(four, plain, atol=1e-3)
