@@ -56,7 +56,7 @@ def main() -> int:
     model = build_training_model(cfg, D.mesh, D.device)
     opt = sched = None
     if a.with_optim:
-        opt = build_optimizer(model.parameters(), cfg.optim, D.device)
+        opt = build_optimizer(model.parameters(), cfg.optim)
         sched = build_scheduler(opt, 10, cfg.optim)
         for p in model.parameters():  # materialize AdamW state with one zero-gradient step
             p.grad = torch.zeros_like(p)

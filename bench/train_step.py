@@ -74,7 +74,7 @@ def run_variant(D, args, spec: dict) -> dict:
         torch.cuda.reset_peak_memory_stats()
     t_init = time.perf_counter()
     model = build_training_model(cfg, D.mesh, D.device)
-    opt = build_optimizer(model.parameters(), cfg.optim, D.device, offloaded=cfg.parallel.cpu_offload)
+    opt = build_optimizer(model.parameters(), cfg.optim)
     init_s = time.perf_counter() - t_init
     kw = model_kwargs(cfg)
     b = cfg.train.batch_size

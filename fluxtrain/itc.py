@@ -196,7 +196,7 @@ class ITCObjective:
         self.capture.enabled = False
         self.head = head_for(model, text_dim).to(device)
         fully_shard(self.head, mesh=mesh)  # averages the head's gradients over ranks like the model's
-        self.opt = build_optimizer(self.head.parameters(), optim_cfg, device)
+        self.opt = build_optimizer(self.head.parameters(), optim_cfg)
         self.sched = build_scheduler(self.opt, total_steps, optim_cfg)
 
     def loss(self, model, inputs: dict, empty_seq: torch.Tensor, empty_pooled: torch.Tensor,

@@ -188,7 +188,7 @@ def _train(cfg: C.Config, D: pmesh.Dist, run_dir: Path, log) -> dict:
     log.info(f"world {D.world_size} on {D.device}, {cfg.parallel.strategy}, {cfg.parallel.mixed_precision}, "
              f"AC {cfg.parallel.activation_checkpointing}, offload {cfg.parallel.cpu_offload}")
     model = build_training_model(cfg, D.mesh, D.device)
-    opt = build_optimizer(model.parameters(), cfg.optim, D.device, offloaded=cfg.parallel.cpu_offload)
+    opt = build_optimizer(model.parameters(), cfg.optim)
     sched = build_scheduler(opt, tc.steps, cfg.optim)
     data = build_loader(cfg, D.rank, D.world_size)
     enc = Encoders(cfg, D.device, data)

@@ -136,7 +136,7 @@ def run_lora(out: Path, rank: int, mesh) -> dict:
         plain.load_state_dict(base_before)
         res["init_equals_base_maxdiff"] = float((probe(plain) - out0).abs().max())
 
-    opt = build_optimizer(L.trainable_parameters(model), C.OptimConfig(lr=2e-3), torch.device("cpu"))
+    opt = build_optimizer(L.trainable_parameters(model), C.OptimConfig(lr=2e-3))
     ema = EMA(model, decay=0.9, every=2, warmup=True)
     ref_ema = {k: v.clone() for k, v in full_trainable(model).items()}
     t0 = time.perf_counter()
@@ -190,7 +190,7 @@ def run_lora(out: Path, rank: int, mesh) -> dict:
     res["ckpt_model_keys"] = len(state["model"])
     dcp.save(state, checkpoint_id=str(out / "ckpt"))
     model2 = build(cfg, mesh, lora=True, lora_seed=5)
-    opt2 = build_optimizer(L.trainable_parameters(model2), C.OptimConfig(lr=2e-3), torch.device("cpu"))
+    opt2 = build_optimizer(L.trainable_parameters(model2), C.OptimConfig(lr=2e-3))
     ema2 = EMA(model2, decay=0.9, every=2, warmup=True)
     state2 = {"model": get_model_state_dict(model2, options=opts), "optim": get_optimizer_state_dict(model2, opt2),
               "ema": ema2.state_dict()}
@@ -213,7 +213,7 @@ def run_lora(out: Path, rank: int, mesh) -> dict:
     bf = {}
     for name, dt in (("fp32", None), ("bf16", "bf16")):
         m = build(cfg_of(mp="bf16", ac="none"), mesh, lora=True, base_dtype=dt)
-        o = build_optimizer(L.trainable_parameters(m), C.OptimConfig(lr=2e-3), torch.device("cpu"))
+        o = build_optimizer(L.trainable_parameters(m), C.OptimConfig(lr=2e-3))
         bf[name] = dict(losses=train(m, o, None, 3, rank), frozen_bytes=local_bytes(m, False),
                         lora_bytes=local_bytes(m, True),
                         lora_dtypes=sorted({str(p.dtype) for p in L.trainable_parameters(m)}))
@@ -229,7 +229,7 @@ def run_ema(out: Path, rank: int, mesh) -> dict:
     res = {}
     cfg = cfg_of(ac="none")
     model = build(cfg, mesh, lora=False)
-    opt = build_optimizer(model.parameters(), C.OptimConfig(lr=1e-3), torch.device("cpu"))
+    opt = build_optimizer(model.parameters(), C.OptimConfig(lr=1e-3))
     ema = EMA(model, decay=0.8, every=2, warmup=True)
     ref = {k: v.clone() for k, v in full_trainable(model).items()}
     res["n_params"] = len(ref)
