@@ -76,6 +76,8 @@ def run_variant(D, args, spec: dict) -> dict:
     model = build_training_model(cfg, D.mesh, D.device)
     opt = build_optimizer(model.parameters(), cfg.optim)
     init_s = time.perf_counter() - t_init
+    # what is resident before the first step (weights, shards, LoRA) vs after the last: where a peak comes from
+    init_gib = torch.cuda.memory_allocated() / 2**30 if cuda else 0.0
     kw = model_kwargs(cfg)
     b = cfg.train.batch_size
     lat = args.resolution // args.vae_factor
@@ -104,6 +106,7 @@ def run_variant(D, args, spec: dict) -> dict:
                 times.append(time.perf_counter() - t0)
                 losses.append(float(loss.detach()))
     step = statistics.median(times)
+    steady_gib = torch.cuda.memory_allocated() / 2**30 if cuda else 0.0
     t = torch.tensor([step], device=D.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the slowest rank sets the pace
     step = float(t)
@@ -115,7 +118,7 @@ def run_variant(D, args, spec: dict) -> dict:
     pk = peak_tflops(D.device) or float("nan")
     row = dict(variant=",".join(f"{k}={v}" for k, v in spec.items()) or "default", gpus=D.world_size, batch=b,
                step_s=step, samples_s_gpu=b / step, tflops_gpu=tflops, mfu=tflops / pk, peak_gib=float(peak),
-               reserved_gib=reserved, init_s=init_s, loss_first=losses[0], loss_last=losses[-1])
+               reserved_gib=reserved, init_s=init_s, init_gib=init_gib, steady_gib=steady_gib, loss_first=losses[0], loss_last=losses[-1])
     del model, opt, x0, noise, seq, pooled
     gc.collect()
     if cuda:

@@ -1,0 +1,92 @@
+"""Per-block cost of an attention backend inside the real FLUX block, one GPU, no FSDP: where a backend that is
+faster in isolation (bench/attn_check.py) loses in the 12B run, this shows whether it is time or memory per block.
+
+    python bench/block_probe.py --double 1 --single 2 --batch 2 --variants flash,ops cudnn,ops flash,none cudnn,none
+
+Each variant: the flux-dev width with --double/--single blocks, bf16, per-block compile (unless `,eager`), AC mode
+(ops = op-level selective, none, full), random inputs at --resolution (1024²) + 512 text tokens; prints fwd+bwd median time and the peak memory
+above the weights (what the saved activations cost per block).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from fluxtrain import config as C  # noqa: E402
+from fluxtrain import flow  # noqa: E402
+from fluxtrain.models.flux import build_transformer  # noqa: E402
+from fluxtrain.models.presets import transformer_kwargs  # noqa: E402
+from fluxtrain.parallel.activation_checkpoint import apply_ac  # noqa: E402
+from fluxtrain.parallel.compile import apply_compile  # noqa: E402
+from train_step import sdpa_context  # noqa: E402
+
+
+def probe(kw: dict, attn: str, ac: str, batch: int, text: int, steps: int, device: str, lat: int,
+          compiled: bool = True) -> dict:
+    torch.manual_seed(0)
+    model = build_transformer(kw, device=device).to(torch.bfloat16)
+    p = C.ParallelConfig(activation_checkpointing="selective" if ac == "ops" else ac, ac_ops=ac == "ops")
+    apply_ac(model, p)
+    if compiled and device == "cuda":
+        apply_compile(model)
+    x = torch.randn(batch, (lat // 2) ** 2, kw["in_channels"], device=device, dtype=torch.bfloat16)
+    seq = torch.randn(batch, text, kw["joint_attention_dim"], device=device, dtype=torch.bfloat16)
+    pooled = torch.randn(batch, kw["pooled_projection_dim"], device=device, dtype=torch.bfloat16)
+    sigma = torch.rand(batch, device=device)
+    times = []
+    with sdpa_context(attn):
+        for i in range(steps + 2):
+            if device == "cuda":
+                torch.cuda.synchronize()
+                if i == 2:
+                    base = torch.cuda.memory_allocated()
+                    torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            out = model(**flow.transformer_inputs(x, sigma, seq, pooled, lat, lat, 1.0))[0]
+            out.float().square().mean().backward()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+            model.zero_grad(set_to_none=True)
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if device == "cuda" else 0.0
+    return dict(attn=attn, ac=ac, batch=batch, fwd_bwd_s=round(statistics.median(times[2:]), 4),
+                activation_peak_gib=round(peak, 3))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--double", type=int, default=1)
+    ap.add_argument("--single", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--text-tokens", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--resolution", type=int, default=1024)
+    ap.add_argument("--preset", default="flux-dev")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--variants", nargs="+", default=["flash,ops", "cudnn,ops", "flash,none", "cudnn,none"])
+    a = ap.parse_args()
+    kw = {**transformer_kwargs(a.preset), "num_layers": a.double, "num_single_layers": a.single}
+    for v in a.variants:
+        attn, ac, *mode = v.split(",")
+        try:
+            row = probe(kw, attn, ac, a.batch, a.text_tokens, a.steps, a.device, a.resolution // 8, mode != ["eager"])
+            row["compile"] = mode != ["eager"]
+        except Exception as err:  # a failing variant is a row
+            row = dict(attn=attn, ac=ac, error=f"{type(err).__name__}: {str(err).splitlines()[0][:200]}")
+        print(json.dumps(row), flush=True)
+        if a.device == "cuda":
+            torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
