@@ -83,6 +83,7 @@ def main() -> int:
         except Exception as err:  # a failing variant is a row
             row = dict(attn=attn, ac=ac, error=f"{type(err).__name__}: {str(err).splitlines()[0][:200]}")
         print(json.dumps(row), flush=True)
+        torch._dynamo.reset()  # else the next variant may reuse this one's graphs (and keep its model alive)
         if a.device == "cuda":
             torch.cuda.empty_cache()
     return 0
