@@ -7,8 +7,12 @@ bytes-per-element factor per AC mode (calibrated from the 12B runs in bench/RESU
 they run online, and a fixed allocator/NCCL overhead.
 
 LoRA (`lora.enabled`): the frozen base in `lora.base_dtype` sharded, the adapters' fp32 params, grads and AdamW
-states sharded (16 B/param), and — measured, not yet explained — one full unsharded bf16 copy of the base resident at
-the peak on every GPU (1 and 2 × H200 rows in bench/RESULTS.md, whatever the AC mode): budget for it until found.
+states sharded (16 B/param), and, without AC only, one full unsharded bf16 copy of the base resident at the peak on
+every GPU: measured with per-block compile on 1 and 2 × H200 (50.0 and 38.8 GiB; the frozen base weights saved for
+the backward stay gathered); with full AC the 1-GPU peak is 25.7 GiB, no copy (bench/RESULTS.md).
+
+CPU offload: the states live on the host; the GPU holds the live blocks' fp32 shards copied in for the all-gather and
+the running block's sharded fp32 gradient on its way out (calibrated on the one measured row: 4.0 GiB, 2 × H200).
 """
 
 from __future__ import annotations
@@ -76,10 +80,14 @@ def predict(cfg: C.Config, gpus: int, kw: dict | None = None) -> Plan:
         lora.apply_lora(m, lc.rank, lc.alpha, 0.0, lc.targets or lora.DEFAULT_TARGETS, lc.init, None)
         adapters = sum(q.numel() for q in m.parameters()) - n
         base_bytes = 2 if lc.base_dtype == "bf16" else 4
-        states = (0.0 if p.cpu_offload else (base_bytes * n + 16 * adapters) / shard) + 2 * n
+        states = (0.0 if p.cpu_offload else (base_bytes * n + 16 * adapters) / shard)
+        if ac_key(cfg) == "none":
+            states += 2 * n
     pbytes = 2 if p.mixed_precision == "bf16" else 4
     live_blocks = 1 + max(p.forward_prefetch, p.backward_prefetch)
     buffers = block * pbytes * live_blocks  # gathered params of the running and the prefetched block
+    if p.cpu_offload:
+        buffers += block * 4 / shard * (live_blocks + 1)
     if p.strategy == "SHARD_GRAD_OP":
         buffers += n * pbytes  # parameters stay gathered between forward and backward
     d = kw["num_attention_heads"] * kw["attention_head_dim"]
