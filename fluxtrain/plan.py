@@ -8,8 +8,8 @@ they run online, and a fixed allocator/NCCL overhead.
 
 LoRA (`lora.enabled`): the frozen base in `lora.base_dtype` sharded, the adapters' fp32 params, grads and AdamW
 states sharded (16 B/param), and, without AC only, one full unsharded bf16 copy of the base resident at the peak on
-every GPU: measured with per-block compile on 1 and 2 × H200 (50.0 and 38.8 GiB; the frozen base weights saved for
-the backward stay gathered); with full AC the 1-GPU peak is 25.7 GiB, no copy (bench/RESULTS.md).
+every GPU: measured with per-block compile on 1 and 2 × H200 (50.0 and 38.8 GiB; which
+tensors hold it is not isolated yet); with full AC the 1-GPU peak is 25.7 GiB, no copy (bench/RESULTS.md).
 
 CPU offload: the states live on the host; the GPU holds the live blocks' fp32 shards copied in for the all-gather and
 the running block's sharded fp32 gradient on its way out (calibrated on the one measured row: 4.0 GiB, 2 × H200).
