@@ -16,8 +16,10 @@ next step's forward/backward: `staged()` must be called before the optimizer cha
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
+import pickle
 import posixpath
 import random
 import time
@@ -34,6 +36,7 @@ from safetensors.torch import save as save_tensors
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.tensor import DTensor
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
@@ -58,9 +61,88 @@ def _fs(loc):
     return url_to_fs(str(loc))
 
 
-def storage_reader(loc) -> FileSystemReader | FsspecReader:
-    """DCP's reader for a checkpoint in a local folder or at an fsspec URL (s3://…)."""
-    return FsspecReader(str(loc)) if is_url(loc) else FileSystemReader(str(loc))
+# The globals DCP's `.metadata` pickle names, recorded from the trainer's own checkpoints (FSDP, HSDP, DDP, LoRA, EMA,
+# ITC head, sync/async/background-staged saves, local and S3; torch 2.13): its metadata dataclasses, its files'
+# storage info, sizes, dtypes (any, below) and layouts, and the path it was saved to. Nothing else is unpickled.
+_METADATA_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": {"Metadata", "MetadataIndex", "StorageMeta", "ChunkStorageMetadata",
+                                              "TensorProperties", "TensorStorageMetadata", "BytesStorageMetadata",
+                                              "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch": {"Size"},
+    "torch.serialization": {"_get_layout"},  # a torch.layout pickles as _get_layout("torch.strided")
+    "pathlib": {"PosixPath", "WindowsPath"},  # StorageMeta.checkpoint_id of a save given a Path
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        # vars(), not getattr: torch's module __getattr__ would import whatever a name asks for
+        if name in _METADATA_GLOBALS.get(module, ()) or (module == "torch" and isinstance(vars(torch).get(name),
+                                                                                           torch.dtype)):
+            return super().find_class(module, name)
+        raise CheckpointError(f"refuses to unpickle '{module}.{name}' (not checkpoint metadata)")
+
+
+def _load_metadata(fs, path) -> Metadata:
+    """DCP's `.metadata` at `path`, unpickled with the allowlist above: a pickle runs whatever it names."""
+    with fs.create_stream(path, "rb") as f:
+        try:
+            md = _MetadataUnpickler(f).load()
+        except CheckpointError as err:
+            raise CheckpointError(f"{path}: {err}; this checkpoint was not written by fluxtrain/DCP or was tampered "
+                                  "with") from None
+        except Exception as err:  # truncated or not a pickle: any of a dozen exception types
+            raise CheckpointError(f"{path}: unreadable checkpoint metadata ({_reason(err)}); the checkpoint is "
+                                  "damaged (an interrupted copy?): copy it again or use another one") from None
+    if not isinstance(md, Metadata):
+        raise CheckpointError(f"{path}: holds a {type(md).__name__}, not checkpoint metadata; this checkpoint was not "
+                              "written by fluxtrain/DCP or was tampered with")
+    return md
+
+
+class _SafeMetadata:
+    """DCP's reader with `read_metadata` unpickling through the allowlist; given a Metadata already read (`known`),
+    it is used again instead of fetched again (an export loads block after block)."""
+
+    known: Metadata | None = None
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        rank = kwargs.get("rank")
+        if self.known is not None and rank is None:
+            md = copy.copy(self.known)  # its own storage_meta: readers on other threads share the rest, read-only
+            md.storage_meta = copy.copy(md.storage_meta)
+        else:
+            md = _load_metadata(self.fs, self._get_metadata_path(rank))
+        # as FileSystemReader.read_metadata goes on after its pickle.load
+        if getattr(md, "storage_meta", None) is None:
+            md.storage_meta = StorageMeta()
+        md.storage_meta.load_id = self.load_id
+        return md
+
+
+class _FileSystemReader(_SafeMetadata, FileSystemReader):
+    pass
+
+
+class _FsspecReader(_SafeMetadata, FsspecReader):
+    pass
+
+
+def storage_reader(loc, known: Metadata | None = None) -> FileSystemReader:
+    """DCP's reader for a checkpoint in a local folder or at an fsspec URL (s3://…), its metadata unpickled safely;
+    `known`: the checkpoint's metadata, read before (see read_metadata)."""
+    reader = _FsspecReader(str(loc)) if is_url(loc) else _FileSystemReader(str(loc))
+    reader.known = known
+    return reader
+
+
+def read_metadata(loc) -> Metadata:
+    """A checkpoint's DCP metadata (what it holds, where), read before dcp.load: DCP takes any failure to read it for
+    a missing file and goes on to a confusing error. Every failure is one CheckpointError line."""
+    with _storage(f"cannot read the metadata of {loc}", loc, "" if is_url(loc) else
+                  "is it a complete checkpoints/step-XXXXXXXX folder?"):
+        return storage_reader(loc).read_metadata()
 
 
 def location(loc: str | Path) -> str | Path:
@@ -398,8 +480,9 @@ class Checkpointer:
         """Load into the (sharded) model/optimizer; returns this rank's extra state (resharded runs get rank 0's
         counters and a note)."""
         state = self._app_state(model, opt, sched)
+        reader = storage_reader(path, read_metadata(path))
         try:
-            dcp.load(state, checkpoint_id=str(path))
+            dcp.load(state, checkpoint_id=str(path), storage_reader=reader)
         except (Exception, CheckpointException) as err:  # DCP's exception is a BaseException; it names the key
             msg = [m.strip() for m in str(err).strip().splitlines()]
             first = next((m for m in reversed(msg) if m.startswith(("RuntimeError:", "ValueError:", "KeyError:"))

@@ -326,6 +326,14 @@ def from_dict(raw: dict[str, Any], origin: str = "config") -> Config:
     return cfg
 
 
+def parse_toml(data: bytes, origin, fix: str = "") -> dict[str, Any]:
+    """A TOML file's contents as a dict; bad UTF-8 or TOML is one ConfigError line naming the file (and line)."""
+    try:
+        return tomllib.loads(data.decode())
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+        raise ConfigError(f"{origin}: not valid TOML ({err})" + (f"; {fix}" if fix else "")) from None
+
+
 def load(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Config:
     """Read a TOML file (or the defaults), apply overrides, validate. Raises ConfigError (one line)."""
     raw: dict[str, Any] = {}
@@ -334,10 +342,7 @@ def load(path: str | os.PathLike | None, overrides: list[str] | None = None) -> 
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file '{path}' not found: pass --config with a TOML file such as configs/tiny.toml")
-        try:
-            raw = tomllib.loads(p.read_text())
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"{path}: not valid TOML ({err})") from None
+        raw = parse_toml(p.read_bytes(), path)
         origin = str(path)
         _check_keys(raw, origin)
     over = parse_overrides(overrides or [])

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import posixpath
 import shutil
-import tomllib
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import torch
 
 from fluxtrain import config as C
-from fluxtrain.checkpoint import _fs, _storage, is_url, location, storage_reader
+from fluxtrain.checkpoint import _fs, _storage, is_url, location, read_metadata, storage_reader
 
 THREADS = 4  # blocks in flight; each holds one block in the export dtype (0.7 GB for FLUX.1-dev's double blocks)
 PIPELINE_PARTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
@@ -31,10 +30,11 @@ def run_config_of(ckpt: str | Path) -> C.Config:
         fs, path = _fs(ckpt)
         run = posixpath.dirname(posixpath.dirname(path))
         found = next((f for f in (f"{path}/config.toml", f"{run}/config.toml") if fs.isfile(f)), None)
-        text = found and fs.cat_file(found).decode()
+        data = found and fs.cat_file(found)
     if found is None:
         raise C.ConfigError(f"{ckpt}: no config.toml inside or two levels up; is this a checkpoints/step-N folder?")
-    return C.from_dict(tomllib.loads(text), fs.unstrip_protocol(found) if is_url(ckpt) else found)
+    origin = fs.unstrip_protocol(found) if is_url(ckpt) else found
+    return C.from_dict(C.parse_toml(data, origin, "fix it or copy the run's config.toml there"), origin)
 
 
 def weights_section(cfg: C.Config) -> str:
@@ -62,12 +62,12 @@ def _lora_state(ckpt: str | Path, cfg: C.Config, kw: dict) -> dict[str, torch.Te
                                  cfg.lora.rank)
 
 
-def _check_fits(ckpt, shapes: dict[str, torch.Size], section: str = "model") -> None:
-    """The checkpoint's model has these tensors at these shapes (from its metadata alone), or the first misfit is
-    named."""
+def _check_fits(ckpt, known, shapes: dict[str, torch.Size], section: str = "model") -> None:
+    """The checkpoint's model has these tensors at these shapes (from its metadata `known` alone), or the first misfit
+    is named."""
     from fluxtrain.models.flux import WeightsError
 
-    meta = storage_reader(ckpt).read_metadata().state_dict_metadata
+    meta = known.state_dict_metadata
     for k, shape in shapes.items():
         got = getattr(meta.get(f"{section}.{k}"), "size", None)
         if got != shape:
@@ -75,13 +75,14 @@ def _check_fits(ckpt, shapes: dict[str, torch.Size], section: str = "model") -> 
                                f"{'has none' if got is None else tuple(got)}, model {tuple(shape)}")
 
 
-def _read(ckpt, into: dict[str, torch.Tensor], section: str = "model") -> dict[str, torch.Tensor]:
+def _read(ckpt, known, into: dict[str, torch.Tensor], section: str = "model") -> dict[str, torch.Tensor]:
     """Fill `into` (model keys → tensors of any dtype: DCP casts as it copies) from the checkpoint's `section`
-    ("model" or "ema"), reading only those keys, without a process group (DCP reassembles the shards)."""
+    ("model" or "ema"), reading only those keys, without a process group (DCP reassembles the shards). `known`: the
+    checkpoint's metadata, read once for all blocks (on S3, a fetch of .metadata per block otherwise)."""
     import torch.distributed.checkpoint as dcp
 
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # no process group, on purpose
-    dcp.load({section: into}, storage_reader=storage_reader(ckpt), no_dist=True)
+    dcp.load({section: into}, storage_reader=storage_reader(ckpt, known), no_dist=True)
     return into
 
 
@@ -99,8 +100,9 @@ def load_checkpoint_model(ckpt: str | Path):
         model.load_state_dict(_lora_state(ckpt, cfg, kw))
     else:
         own = model.state_dict()  # the parameters themselves: DCP loads in place
-        _check_fits(ckpt, {k: v.shape for k, v in own.items()}, weights_section(cfg))
-        _read(ckpt, own, weights_section(cfg))
+        known = read_metadata(ckpt)
+        _check_fits(ckpt, known, {k: v.shape for k, v in own.items()}, weights_section(cfg))
+        _read(ckpt, known, own, weights_section(cfg))
     return model, cfg, _encoders(cfg)
 
 
@@ -161,8 +163,10 @@ def export(ckpt: str | Path, fmt: str, out: str | Path, dtype: str = "bf16", thr
         state = _lora_state(ckpt, cfg, kw)
         read = lambda keys: {k: state.pop(k).to(dt) for k in keys}  # noqa: E731 — each block freed once written
     else:
-        _check_fits(ckpt, {k: v.shape for k, v in plan.items()}, section)
-        read = lambda keys: _read(ckpt, {k: torch.empty(plan[k].shape, dtype=dt) for k in keys}, section)  # noqa: E731
+        known = read_metadata(ckpt)
+        _check_fits(ckpt, known, {k: v.shape for k, v in plan.items()}, section)
+        read = lambda keys: _read(ckpt, known, {k: torch.empty(plan[k].shape, dtype=dt) for k in keys},  # noqa: E731
+                                  section)
     if fmt == "diffusers":
         folder = _encoders(cfg)
         for part in PIPELINE_PARTS:
