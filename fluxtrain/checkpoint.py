@@ -262,6 +262,13 @@ class PinnedStager:
     def close(self) -> None:
         self.pool.shutdown()
 
+    def reserve(self, state_dict: dict) -> Future:
+        """Allocate the buffers for states shaped like `state_dict` on the stager's thread, now: pinning tens of GB
+        takes tens of seconds (47 s for 24 GB per rank at 12B), which the first save would otherwise stall on."""
+        leaves: list[tuple[str, torch.Tensor]] = []
+        self._leaves(state_dict, "", leaves)
+        return self.pool.submit(self._allocate, leaves)
+
     def stage(self, state_dict: dict) -> Future:
         if self.cuda:  # the side stream must see the optimizer's last writes
             self.stream.wait_stream(torch.cuda.current_stream())
@@ -406,11 +413,19 @@ class Checkpointer:
         if not self.background:  # DCP's default: a pageable host copy, made before async_save returns
             fut = dcp.async_save(state, checkpoint_id=where, storage_writer=writer, process_group=self.group)
             return _Save(step, target, where, fut)
-        if self.stager is None:  # kept for the run: its pinned buffers are allocated once, at the first save
+        if self.stager is None:  # kept for the run: its pinned buffers are allocated once
             self.stager = PinnedStager(self.device)
         res = dcp.async_save(state, checkpoint_id=where, storage_writer=writer, process_group=self.group,
                              async_stager=self.stager)
         return _Save(step, target, where, res.upload_completion, res.staging_completion)
+
+    def prepare(self, model, opt, sched) -> None:
+        """With background staging, allocate the pinned buffers in the background once the state's shapes are known
+        (after the first optimizer step has created the optimizer state), not at the first save."""
+        if not self.background or self.stager is not None:
+            return
+        self.stager = PinnedStager(self.device)
+        self.stager.reserve(self._app_state(model, opt, sched))
 
     def staged(self) -> None:
         """Block until the async save in flight holds its own copy of the state; call it before anything changes

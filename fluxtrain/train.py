@@ -248,6 +248,8 @@ def _train(cfg: C.Config, D: pmesh.Dist, run_dir: Path, log) -> dict:
         # an async save may still be copying weights and optimizer state: that must end before the optimizer step
         ckpt.staged()
         gnorm, ok = clip_and_step(model, opt, sched, cfg.optim.grad_clip, cfg, ema, step)
+        if step == start + 1:  # the optimizer state exists now: pin the checkpoint buffers while training goes on
+            ckpt.prepare(model, opt, sched)
         if itc is not None:
             itc.step() if ok else itc.opt.zero_grad(set_to_none=True)
         loss_val = mean_over_ranks(torch.stack(losses).mean())

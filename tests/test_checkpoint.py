@@ -144,3 +144,23 @@ def test_resume_from_a_missing_checkpoint_is_one_line(tmp_path):
     assert res.returncode != 0
     assert "Traceback" not in res.stderr, res.stderr[-2000:]
     assert "fluxtrain: error: checkpoint.resume = /nonexistent/step-1: not a complete checkpoint" in res.stderr
+
+
+def test_pinned_buffers_are_reserved_before_the_first_save(monkeypatch):
+    # Checkpointer.prepare (after the first optimizer step) reserves the staging buffers on the stager's thread, so
+    # the first save copies into them instead of allocating (47 s for 24 GB per rank at 12B on an H200).
+    from fluxtrain.checkpoint import PinnedStager
+
+    calls = []
+    real = PinnedStager._allocate
+    monkeypatch.setattr(PinnedStager, "_allocate", lambda self, leaves: (calls.append(len(leaves)), real(self, leaves)))
+    state = {"model": {"w": torch.randn(4, 3), "b": torch.randn(3)}, "optim": {"state": [torch.randn(5)]}}
+    st = PinnedStager(torch.device("cpu"))
+    st.reserve(state).result()
+    assert calls == [3] and set(st.buffers) == {"/model/w", "/model/b", "/optim/state/0"}
+    state["model"]["w"].add_(1.0)  # the weights change after the reservation: the save must copy the new values
+    staged = st.stage(state).result()
+    assert calls == [3]  # no second allocation at the save
+    assert torch.equal(staged["model"]["w"], state["model"]["w"]) and staged["model"]["w"] is not state["model"]["w"]
+    assert torch.equal(staged["optim"]["state"][0], state["optim"]["state"][0])
+    st.close()
