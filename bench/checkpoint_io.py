@@ -6,6 +6,9 @@ a thread). One JSON line per save:
     save_call_s   time save() itself blocked: the stall when the next step's forward/backward hides the copy
     save_total_s  until the checkpoint is written and published
 
+With background staging a `reserve_s` line comes first: pinning the host buffers, which training does on a thread
+after its first step (Checkpointer.prepare), so no save waits for it.
+
 Times are the slowest rank's. Then the time of a full-state export (offline, one process, as `fluxtrain export`):
 
     torchrun --nproc_per_node 2 bench/checkpoint_io.py --preset flux-dev --run-dir /tmp/ckbench [--with-optim] \
@@ -65,6 +68,12 @@ def main() -> int:
     step = 0
     for staging in a.staging:
         ck = Checkpointer(run, dataclasses.replace(cfg.checkpoint, staging=staging), D.rank, D.world_size, D.device)
+        t0 = time.perf_counter()
+        reserving = ck.prepare(model, opt, sched)  # what training does after its first step (background staging)
+        if reserving is not None:
+            reserving.result()
+            if D.is_main:
+                print(json.dumps({"staging": staging, "reserve_s": time.perf_counter() - t0}), flush=True)
         for _ in range(a.repeats):
             step += 1
             dist.barrier()

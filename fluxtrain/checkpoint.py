@@ -419,13 +419,13 @@ class Checkpointer:
                              async_stager=self.stager)
         return _Save(step, target, where, res.upload_completion, res.staging_completion)
 
-    def prepare(self, model, opt, sched) -> None:
+    def prepare(self, model, opt, sched) -> Future | None:
         """With background staging, allocate the pinned buffers in the background once the state's shapes are known
         (after the first optimizer step has created the optimizer state), not at the first save."""
         if not self.background or self.stager is not None:
-            return
+            return None
         self.stager = PinnedStager(self.device)
-        self.stager.reserve(self._app_state(model, opt, sched))
+        return self.stager.reserve(self._app_state(model, opt, sched))
 
     def staged(self) -> None:
         """Block until the async save in flight holds its own copy of the state; call it before anything changes
