@@ -195,7 +195,8 @@ class ITCObjective:
         self.capture = capture_block_output(model, block_index, kind="double")
         self.capture.enabled = False
         self.head = head_for(model, text_dim).to(device)
-        fully_shard(self.head, mesh=mesh)  # averages the head's gradients over ranks like the model's
+        if mesh.size() > 1:
+            fully_shard(self.head, mesh=mesh)  # averages the head's gradients over ranks like the model's
         self.opt = build_optimizer(self.head.parameters(), optim_cfg)
         self.sched = build_scheduler(self.opt, total_steps, optim_cfg)
 

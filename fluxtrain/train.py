@@ -18,7 +18,7 @@ from fluxtrain.data.loader import build_loader
 from fluxtrain.metrics import MetricsWriter, Throughput, flux_flops_per_sample, memory_stats, setup_logging
 from fluxtrain.models.setup import build_training_model, encoders_folder, model_kwargs
 from fluxtrain.optim import build_optimizer, build_scheduler
-from fluxtrain.parallel import after_optimizer_step
+from fluxtrain.parallel import after_optimizer_step, wants_fsdp
 from fluxtrain.parallel import mesh as pmesh
 from fluxtrain.profiler import StepProfiler
 from fluxtrain.progress import Progress
@@ -185,7 +185,8 @@ def train(cfg: C.Config) -> dict:
 def _train(cfg: C.Config, D: pmesh.Dist, run_dir: Path, log) -> dict:
     tc = cfg.train
     torch.manual_seed(tc.seed)
-    log.info(f"world {D.world_size} on {D.device}, {cfg.parallel.strategy}, {cfg.parallel.mixed_precision}, "
+    sharding = cfg.parallel.strategy if wants_fsdp(D.mesh, cfg) else "unsharded (one process, fp32: no FSDP)"
+    log.info(f"world {D.world_size} on {D.device}, {sharding}, {cfg.parallel.mixed_precision}, "
              f"AC {cfg.parallel.activation_checkpointing}, offload {cfg.parallel.cpu_offload}")
     model = build_training_model(cfg, D.mesh, D.device)
     opt = build_optimizer(model.parameters(), cfg.optim)
@@ -242,8 +243,10 @@ def _train(cfg: C.Config, D: pmesh.Dist, run_dir: Path, log) -> dict:
             t0 = time.perf_counter()
             batch = next(data)
             data_wait += time.perf_counter() - t0
-            # reduce-scatter only on the last micro-batch; earlier ones accumulate locally
-            model.set_requires_gradient_sync(micro == tc.grad_accum - 1)
+            # reduce-scatter only on the last micro-batch; earlier ones accumulate locally (an unsharded model,
+            # one process in fp32, has nothing to reduce)
+            if hasattr(model, "set_requires_gradient_sync"):
+                model.set_requires_gradient_sync(micro == tc.grad_accum - 1)
             losses.append(forward_backward(model, enc, batch, cfg, D.device, step, D.rank, 1.0 / tc.grad_accum, itc))
         # an async save may still be copying weights and optimizer state: that must end before the optimizer step
         ckpt.staged()

@@ -10,6 +10,13 @@ from fluxtrain.parallel.compile import apply_compile
 from fluxtrain.parallel.fsdp import apply_fsdp
 
 
+def wants_fsdp(mesh, cfg: Config) -> bool:
+    """One process in fp32 without offload has nothing to shard, cast or offload: FSDP2 would only add its hooks,
+    gradient copies and DTensor dispatch, which were ~2/3 of a tiny model's step on CPU (bench in RESULTS.md)."""
+    p = cfg.parallel
+    return mesh.size() > 1 or p.mixed_precision != "fp32" or p.cpu_offload
+
+
 def parallelize(model: torch.nn.Module, mesh, cfg: Config) -> torch.nn.Module:
     """fp8, then AC, then compile, then FSDP (torchtitan's order: FSDP wraps the compiled, checkpointed blocks)."""
     if cfg.parallel.fp8:
@@ -19,7 +26,8 @@ def parallelize(model: torch.nn.Module, mesh, cfg: Config) -> torch.nn.Module:
     apply_ac(model, cfg.parallel)
     if cfg.train.compile:
         apply_compile(model)
-    apply_fsdp(model, mesh, cfg.parallel)
+    if wants_fsdp(mesh, cfg):
+        apply_fsdp(model, mesh, cfg.parallel)
     return model
 
 

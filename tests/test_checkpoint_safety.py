@@ -1,0 +1,203 @@
+"""Checkpoints from untrusted places: DCP's `.metadata` is a pickle, unpickled through an allowlist (a pickle naming
+os.system is refused before it runs); damaged metadata or config.toml is one error line; an export fetches the
+metadata once, not once per block."""
+
+import os
+import pickle
+import shutil
+
+import pytest
+import torch
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint import _fsspec_filesystem, filesystem
+
+from fluxtrain.checkpoint import CheckpointError, read_metadata, storage_reader
+from fluxtrain.export import _groups, export, load_checkpoint_model
+from tests.helpers import FAST, events, fluxtrain, torchrun
+from tests.test_checkpoint_s3 import s3  # noqa: F401 — the moto S3 endpoint fixture
+
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+
+# EMA (exported), the ITC head's model and optimizer, background-staged async saves: most of what metadata can hold
+ARGS = FAST + ["--checkpoint.interval", "2", "--ema.enabled", "true", "--train.itc_weight", "0.1",
+               "--checkpoint.async_save", "true", "--checkpoint.staging", "background"]
+
+
+def _train(out, steps: int):
+    res = torchrun(2, ["-m", "fluxtrain", "train", "--config", "configs/tiny.toml", *ARGS, "--train.steps", str(steps),
+                       "--train.output_dir", str(out)])
+    assert res.returncode == 0, res.stderr[-4000:]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A 2-rank run of 4 steps, checkpoints at steps 2 and 4."""
+    out = tmp_path_factory.mktemp("run")
+    _train(out, 4)
+    return out
+
+
+def _copy(run, tmp_path, step: int = 4):
+    dst = tmp_path / f"step-{step:08d}"
+    shutil.copytree(run / "checkpoints" / dst.name, dst)
+    return dst
+
+
+class _System:
+    def __init__(self, cmd: str):
+        self.cmd = cmd
+
+    def __reduce__(self):
+        return os.system, (self.cmd,)
+
+
+def _metadata_opens(monkeypatch) -> list:
+    """Every open of a `.metadata` file, local or fsspec, from now on."""
+    opened = []
+    for cls in (filesystem.FileSystem, _fsspec_filesystem.FileSystem):
+        def counted(self, path, mode, _orig=cls.create_stream):
+            if str(path).endswith(".metadata"):
+                opened.append(str(path))
+            return _orig(self, path, mode)
+        monkeypatch.setattr(cls, "create_stream", counted)
+    return opened
+
+
+def _one_line_error(res, *parts: str) -> None:
+    assert res.returncode != 0, res.stdout[-2000:]
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fluxtrain: error: "), res.stderr[-3000:]
+    assert all(p in lines[0] for p in parts), lines[0]
+
+
+def test_trainer_checkpoints_resume_and_export_through_the_allowlist(run, tmp_path):
+    ckpt = run / "checkpoints" / "step-00000004"
+    # the same metadata as DCP's own reader gives, this reader's load_id included
+    reader = storage_reader(ckpt)
+    got, want = reader.read_metadata(), FileSystemReader(str(ckpt)).read_metadata()
+    assert got.state_dict_metadata == want.state_dict_metadata and got.storage_data == want.storage_data
+    assert (got.planner_data, got.version) == (want.planner_data, want.version)
+    assert got.storage_meta.load_id == reader.load_id
+    assert got.storage_meta.checkpoint_id == want.storage_meta.checkpoint_id
+    assert any(k.startswith("ema.") for k in got.state_dict_metadata) and "itc_optim.state" in str(got.planner_data)
+    # a reader given the metadata returns its own copy of it (load_id is per reader)
+    again = storage_reader(ckpt, got).read_metadata()
+    assert again.state_dict_metadata is got.state_dict_metadata and again.storage_meta is not got.storage_meta
+    # resume (every rank reads the metadata) and export
+    shutil.copytree(run, tmp_path / "run")
+    _train(tmp_path / "run", 6)
+    assert events(tmp_path / "run", "resume")[-1]["step"] == 4
+    res = fluxtrain(["export", "--checkpoint", str(ckpt), "--format", "bfl", "--out", str(tmp_path / "f.safetensors")])
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
+def test_metadata_naming_os_system_is_refused_before_it_runs(run, tmp_path):
+    ckpt, pwned = _copy(run, tmp_path), tmp_path / "pwned"
+    (ckpt / ".metadata").write_bytes(pickle.dumps(_System(f"echo pwned > {pwned}")))
+    refused = r"\.metadata: refuses to unpickle '\w+\.system' \(not checkpoint metadata\); .* tampered with"
+    with pytest.raises(CheckpointError, match=refused):
+        read_metadata(ckpt)
+    with pytest.raises(CheckpointError, match=refused):
+        export(ckpt, "bfl", tmp_path / "f.safetensors")
+    # the command line, resume included: one line, nothing run
+    res = fluxtrain(["export", "--checkpoint", str(ckpt), "--format", "bfl", "--out", str(tmp_path / "f.safetensors")])
+    _one_line_error(res, f"{ckpt}/.metadata: refuses to unpickle")
+    res = fluxtrain(["train", "--config", "configs/tiny.toml", *ARGS, "--train.steps", "6", "--checkpoint.resume",
+                     str(ckpt), "--train.output_dir", str(tmp_path / "resumed")], timeout=300)
+    assert res.returncode != 0 and f"fluxtrain: error: {ckpt}/.metadata: refuses to unpickle" in res.stderr, \
+        res.stderr[-3000:]
+    assert not pwned.exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "not a pickle", "another object"])
+def test_damaged_metadata_is_one_checkpoint_error(run, tmp_path, damage):
+    ckpt = _copy(run, tmp_path)
+    data = (ckpt / ".metadata").read_bytes()
+    (ckpt / ".metadata").write_bytes({"truncated": data[:len(data) // 2], "empty": b"", "not a pickle": b"garbage\n",
+                                      "another object": pickle.dumps({"state_dict_metadata": {}})}[damage])
+    with pytest.raises(CheckpointError, match=r"\.metadata: (unreadable checkpoint metadata|holds a dict)") as err:
+        load_checkpoint_model(ckpt)
+    assert "\n" not in str(err.value)
+
+
+def test_a_missing_metadata_file_is_one_line(run, tmp_path):
+    ckpt = _copy(run, tmp_path)
+    (ckpt / ".metadata").unlink()
+    res = fluxtrain(["export", "--checkpoint", str(ckpt), "--format", "bfl", "--out", str(tmp_path / "f.safetensors")])
+    _one_line_error(res, f"cannot read the metadata of {ckpt}", "FileNotFoundError")
+
+
+@pytest.mark.parametrize("url", [False, True])
+def test_export_reads_the_metadata_once(run, tmp_path, monkeypatch, url):
+    ckpt = run / "checkpoints" / "step-00000004"
+    where = f"file://{ckpt}" if url else ckpt  # file://: DCP's fsspec reader, as for s3://
+    from fluxtrain.export import run_config_of
+    from fluxtrain.models.flux import build_transformer
+    from fluxtrain.models.setup import model_kwargs
+
+    blocks = len(_groups(build_transformer(model_kwargs(run_config_of(ckpt)), device="meta").state_dict()))
+    assert blocks > 3
+    opened = _metadata_opens(monkeypatch)
+    export(where, "bfl", tmp_path / "f.safetensors", threads=2)
+    assert len(opened) == 1, opened
+    opened.clear()
+    load_checkpoint_model(where)
+    assert len(opened) == 1, opened
+
+
+@pytest.fixture
+def s3_here(s3):  # noqa: F811
+    """The S3 endpoint of this module: s3fs caches filesystems by arguments, not endpoint, so one made for another
+    module's (stopped) server would be reused; and none made here may outlive this server."""
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_s3_export_fetches_the_metadata_once_and_refuses_pickles(s3_here, run, tmp_path, monkeypatch):
+    import s3fs
+
+    fs, url = s3fs.S3FileSystem(), "s3://fluxtrain-test/safety/step-00000004"
+    fs.put(str(run / "checkpoints" / "step-00000004"), url, recursive=True)
+    opened = _metadata_opens(monkeypatch)
+    export(url, "diffusers", tmp_path / "d", dtype="fp32", threads=2)
+    assert opened == [f"{url}/.metadata"]
+    pwned = tmp_path / "pwned"
+    fs.pipe_file(f"{url}/.metadata", pickle.dumps(_System(f"echo pwned > {pwned}")))
+    with pytest.raises(CheckpointError, match=rf"{url}/\.metadata: refuses to unpickle '\w+\.system'"):
+        export(url, "bfl", tmp_path / "f.safetensors")
+    assert not pwned.exists()
+
+
+@pytest.mark.parametrize("command", ["export", "sample"])
+def test_corrupt_config_toml_in_a_checkpoint_is_one_line(run, tmp_path, command):
+    ckpt = _copy(run, tmp_path)
+    (ckpt / "config.toml").write_text('[model]\npreset = "tiny"\n[train\nsteps = 4\n')
+    out = str(tmp_path / "out")
+    res = fluxtrain(["export", "--checkpoint", str(ckpt), "--format", "bfl", "--out", out] if command == "export"
+                    else ["sample", "--model", str(ckpt), "--prompt", "a red circle", "--out", out])
+    _one_line_error(res, f"{ckpt}/config.toml: not valid TOML", "line 3")
+    assert not os.path.exists(out)
+
+
+def test_config_toml_in_a_checkpoint_that_is_not_utf8_is_one_config_error(run, tmp_path):
+    from fluxtrain.config import ConfigError
+
+    ckpt = _copy(run, tmp_path)
+    (ckpt / "config.toml").write_bytes(b"\xff\xfe[model]\n")
+    with pytest.raises(ConfigError, match=r"config\.toml: not valid TOML \('utf-8' codec can't decode"):
+        load_checkpoint_model(ckpt)
+
+
+def test_dtypes_and_layouts_of_any_tensor_are_allowed(tmp_path):
+    """Sizes, dtypes and layouts beyond the trainer's fp32/int64 (a bf16 export test checkpoint, a uint8 buffer)."""
+    import torch.distributed.checkpoint as dcp
+
+    state = {"a": torch.zeros(2, dtype=torch.bfloat16), "b": torch.zeros(3, dtype=torch.uint8),
+             "c": torch.zeros(1, dtype=torch.bool), "d": torch.zeros(2, 2, dtype=torch.float16)}
+    dcp.save(state, checkpoint_id=str(tmp_path), no_dist=True)
+    got = read_metadata(tmp_path).state_dict_metadata
+    assert {k: got[k].properties.dtype for k in state} == {k: v.dtype for k, v in state.items()}
+    assert got["d"].properties.layout == torch.strided
