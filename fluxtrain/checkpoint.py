@@ -386,8 +386,7 @@ class Checkpointer:
         if self.rank == 0:
             with _storage(what, where):
                 self._remove(target)  # a leftover of an interrupted save of this step
-                if not self.url:
-                    self.fs.makedirs(target)
+                self.fs.makedirs(target, exist_ok=True)  # object stores: a no-op; file:// URLs need the folder
         dist.barrier()
         with _storage(what, where):
             with self.fs.open(f"{target}/rank-{self.rank}.json", "wb") as f:

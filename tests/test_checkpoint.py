@@ -164,3 +164,15 @@ def test_pinned_buffers_are_reserved_before_the_first_save(monkeypatch):
     assert torch.equal(staged["model"]["w"], state["model"]["w"]) and staged["model"]["w"] is not state["model"]["w"]
     assert torch.equal(staged["optim"]["state"][0], state["optim"]["state"][0])
     st.close()
+
+
+def test_file_url_checkpoint_dir_saves_and_resumes(tmp_path):
+    # checkpoint.dir = file:///… (a shared mount spelled as a URL) goes through fsspec like s3:// does
+    url = f"file://{tmp_path}/ck"
+    args = ["train", "--config", str(ROOT / "configs" / "tiny.toml"), *FAST, "--train.output_dir", str(tmp_path / "run"),
+            "--checkpoint.dir", url, "--checkpoint.interval", "2", "--eval.interval", "0", "--data.num_workers", "0"]
+    first = fluxtrain(args[:] + ["--train.steps", "4"])
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert [p.name for p in complete_checkpoints(tmp_path / "ck")] == ["step-00000002", "step-00000004"]
+    again = fluxtrain(args + ["--train.steps", "6"])
+    assert again.returncode == 0 and f"resumed from {url}/step-00000004 at step 4" in again.stderr, again.stderr[-2000:]
