@@ -362,14 +362,15 @@ def lora_state_from_checkpoint(ckpt: str | Path, section: str = "model",
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    from fluxtrain.checkpoint import storage_reader
+    from fluxtrain.checkpoint import read_metadata, storage_reader
 
-    meta = storage_reader(ckpt).read_metadata().state_dict_metadata
+    known = read_metadata(ckpt)  # once, and any failure as one line
+    meta = known.state_dict_metadata
     head = section + "."
     want = {k[len(head):]: torch.empty(m.size, dtype=m.properties.dtype)
             for k, m in meta.items() if k.startswith(head) and _is_lora(k) and isinstance(m, TensorStorageMetadata)}
     if not want:
         raise LoraError(f"{ckpt}: no LoRA weights under '{section}' (was the run trained with LoRA?)")
     state = {section: want}
-    dcp.load(state, storage_reader=storage_reader(ckpt))
+    dcp.load(state, storage_reader=storage_reader(ckpt, known))
     return {prefix + peft_name(k): v for k, v in state[section].items()}
