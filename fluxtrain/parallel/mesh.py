@@ -1,7 +1,8 @@
 """Process group and device mesh from torchrun / accelerate / Slurm environment variables.
 
-Every run has a process group, a one-rank gloo group for a plain `fluxtrain train`, so that one code path (FSDP2,
-DCP) serves one process and many.
+Every run has a process group, a one-rank gloo group for a plain `fluxtrain train`, so that one code path (DCP
+checkpoints, collectives) serves one process and many. (One fp32 process trains its model unsharded: FSDP2 would
+only add overhead there; see `parallel.wants_fsdp`.)
 """
 
 from __future__ import annotations
