@@ -346,6 +346,8 @@ class Checkpointer:
         self.root = checkpoint_root(run_dir, cfg.dir)
         self.url = is_url(self.root)
         self.fs, self.path = _fs(self.root)
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        self._local = "file" in protocols
         self.cfg, self.rank, self.world, self.device = cfg, rank, world_size, device
         self.log, self.metrics = log, metrics
         # LoRA: frozen base weights are not saved (the checkpoint references the base through config.toml)
@@ -386,7 +388,8 @@ class Checkpointer:
         if self.rank == 0:
             with _storage(what, where):
                 self._remove(target)  # a leftover of an interrupted save of this step
-                self.fs.makedirs(target, exist_ok=True)  # object stores: a no-op; file:// URLs need the folder
+                if self._local:  # a folder or file:// URL; on object stores makedirs would create a missing bucket
+                    self.fs.makedirs(target, exist_ok=True)
         dist.barrier()
         with _storage(what, where):
             with self.fs.open(f"{target}/rank-{self.rank}.json", "wb") as f:
