@@ -251,10 +251,10 @@ def _train(cfg: C.Config, D: pmesh.Dist, run_dir: Path, log) -> dict:
         # an async save may still be copying weights and optimizer state: that must end before the optimizer step
         ckpt.staged()
         gnorm, ok = clip_and_step(model, opt, sched, cfg.optim.grad_clip, cfg, ema, step)
-        if step == start + 1:  # the optimizer state exists now: pin the checkpoint buffers while training goes on
-            ckpt.prepare(model, opt, sched)
         if itc is not None:
             itc.step() if ok else itc.opt.zero_grad(set_to_none=True)
+        if step == start + 1:  # every optimizer state exists now (the ITC head's too): pin the checkpoint buffers
+            ckpt.prepare(model, opt, sched)
         loss_val = mean_over_ranks(torch.stack(losses).mean())
         counters["samples_seen"] += tc.batch_size * tc.grad_accum * D.world_size
         thr.add(tc.batch_size * tc.grad_accum * D.world_size, data_wait)
