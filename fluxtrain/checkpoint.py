@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from fsspec.implementations.local import LocalFileSystem
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch.distributed.checkpoint import FileSystemReader
@@ -346,8 +347,7 @@ class Checkpointer:
         self.root = checkpoint_root(run_dir, cfg.dir)
         self.url = is_url(self.root)
         self.fs, self.path = _fs(self.root)
-        protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
-        self._local = "file" in protocols
+        self._local = isinstance(self.fs, LocalFileSystem)  # a folder or a file:// URL
         self.cfg, self.rank, self.world, self.device = cfg, rank, world_size, device
         self.log, self.metrics = log, metrics
         # LoRA: frozen base weights are not saved (the checkpoint references the base through config.toml)
@@ -388,7 +388,7 @@ class Checkpointer:
         if self.rank == 0:
             with _storage(what, where):
                 self._remove(target)  # a leftover of an interrupted save of this step
-                if self._local:  # a folder or file:// URL; on object stores makedirs would create a missing bucket
+                if self._local:  # on object stores makedirs would create a missing bucket
                     self.fs.makedirs(target, exist_ok=True)
         dist.barrier()
         with _storage(what, where):

@@ -15,37 +15,28 @@ FLUX_DEV = dict(
     axes_dims_rope=(16, 56, 56),
 )
 
+# The embedded default: 16 latent channels like FLUX's VAE, width 128, 2 double + 4 single blocks.
+TINY = dict(
+    patch_size=1,
+    in_channels=64,
+    num_layers=2,
+    num_single_layers=4,
+    attention_head_dim=32,
+    num_attention_heads=4,
+    joint_attention_dim=64,
+    pooled_projection_dim=64,
+    guidance_embeds=True,
+    axes_dims_rope=(8, 12, 12),
+)
+
 PRESETS: dict[str, dict] = {
     "flux-dev": FLUX_DEV,
     # schnell is the same network without the guidance embedding (timestep-distilled).
     "flux-schnell": {**FLUX_DEV, "guidance_embeds": False},
-    # The embedded default: 16 latent channels like FLUX's VAE, width 128, 2 double + 4 single blocks.
-    "tiny": dict(
-        patch_size=1,
-        in_channels=64,
-        num_layers=2,
-        num_single_layers=4,
-        attention_head_dim=32,
-        num_attention_heads=4,
-        joint_attention_dim=64,
-        pooled_projection_dim=64,
-        guidance_embeds=True,
-        axes_dims_rope=(8, 12, 12),
-    ),
+    "tiny": TINY,
     # tiny's encoders and VAE (text width 64) under a wider, deeper transformer (19M): for GPU experiments such as
     # the adherence ablation, where a step of either is launch-bound and the larger one learns more per sample.
-    "small": dict(
-        patch_size=1,
-        in_channels=64,
-        num_layers=4,
-        num_single_layers=8,
-        attention_head_dim=64,
-        num_attention_heads=4,
-        joint_attention_dim=64,
-        pooled_projection_dim=64,
-        guidance_embeds=True,
-        axes_dims_rope=(16, 24, 24),
-    ),
+    "small": {**TINY, "num_layers": 4, "num_single_layers": 8, "attention_head_dim": 64, "axes_dims_rope": (16, 24, 24)},
 }
 
 # Parameter counts the tests pin (flux-dev is FLUX.1-dev's published size).

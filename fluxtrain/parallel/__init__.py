@@ -12,7 +12,7 @@ from fluxtrain.parallel.fsdp import apply_fsdp
 
 def wants_fsdp(mesh, cfg: Config) -> bool:
     """One process in fp32 without offload has nothing to shard, cast or offload: FSDP2 would only add its hooks,
-    gradient copies and DTensor dispatch, which were ~2/3 of a tiny model's step on CPU (bench in RESULTS.md)."""
+    gradient copies and DTensor dispatch, which were ~40% of a tiny model's step on CPU (bench in RESULTS.md)."""
     p = cfg.parallel
     return mesh.size() > 1 or p.mixed_precision != "fp32" or p.cpu_offload
 
