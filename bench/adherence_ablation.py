@@ -93,6 +93,27 @@ def _cleaning_report(work: Path, sets: dict, chunks: int) -> dict:
     return report
 
 
+def common_overrides(a, compile_: bool) -> list[str]:
+    ov = ["--train.compile", str(compile_).lower()]
+    ov += ["--ema.enabled", "true", "--ema.decay", str(a.ema_decay)] if a.ema_decay > 0 else []
+    return ov + (["--model.encoders", a.encoders] if a.encoders else [])
+
+
+def warm_compile_cache(a, work: Path, gpus: int) -> list[subprocess.Popen]:
+    """A few compiled steps with and without ITC (the same shapes as the runs, on-the-fly synthetic data) while the
+    data sets are made, so the runs start from inductor's on-disk caches instead of each compiling for a minute."""
+    procs = []
+    for i, itc in enumerate((0.0, a.itc_weight)):
+        ov = ["train", "--config", str(ROOT / a.config), "--model.preset", a.preset, "--data.source", "synthetic",
+              "--data.caption_dropout", str(a.caption_dropout), "--train.steps", "12", "--train.batch_size",
+              str(a.batch), "--train.output_dir", str(work / f"warm{i}"), "--checkpoint.interval", "1000",
+              "--eval.interval", "0", "--log.interval", "4", "--train.itc_weight", str(itc)] + common_overrides(a, True)
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(i % gpus)} if gpus else dict(os.environ)
+        procs.append(subprocess.Popen(PY + ov, env=env, cwd=ROOT, stdout=open(work / f"warm{i}.log", "w"),
+                                      stderr=subprocess.STDOUT))
+    return procs
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", default="/tmp/ablation")
@@ -103,7 +124,7 @@ def main() -> int:
     ap.add_argument("--chunks", type=int, default=8, help="parallel synth/clean processes per data set")
     ap.add_argument("--config", default="configs/ablation-small.toml")
     ap.add_argument("--preset", default="small")
-    ap.add_argument("--steps", type=int, default=20000, help="an upper bound: --max-minutes ends the runs")
+    ap.add_argument("--steps", type=int, default=100_000, help="an upper bound: --max-minutes ends the runs")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--source", choices=["cache", "webdataset"], default="cache")
     ap.add_argument("--caption-dropout", type=float, default=0.1, help="for classifier-free guidance at eval")
@@ -115,6 +136,9 @@ def main() -> int:
     ap.add_argument("--gpus", type=int, default=None, help="default: all visible")
     ap.add_argument("--encoders", default=None, help="model.encoders: a tiny-FLUX folder (default: the shipped one)")
     ap.add_argument("--data-only", action="store_true", help="make the data sets and stop")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="per-block torch.compile (default: on with GPUs); the caches are warmed while data is made")
+    ap.add_argument("--ema-decay", type=float, default=0.999, help="score the EMA weights (0: the raw weights)")
     a = ap.parse_args()
     work, out = Path(a.work), Path(a.out)
     work.mkdir(parents=True, exist_ok=True)
@@ -122,7 +146,9 @@ def main() -> int:
     import torch
 
     gpus = a.gpus if a.gpus is not None else torch.cuda.device_count()
+    compile_ = a.compile if a.compile is not None else gpus > 0
     t0 = time.time()
+    warm = warm_compile_cache(a, work, gpus) if compile_ and not a.data_only else []
     cleaning = make_data(work, a.num, a.chunks)
     if a.source == "cache":  # latents and embeddings once per data set: training steps skip PNG, VAE and text
         sets = sorted({d for arm in a.arms for d in [ARMS[arm][0]]})
@@ -133,6 +159,10 @@ def main() -> int:
                  for i, d in enumerate(sets) if not (work / f"cache-{d}" / "manifest.json").is_file()])
     data_s = time.time() - t0
     print(f"data ready in {data_s:.0f}s: {cleaning}", flush=True)
+    for p in warm:
+        p.wait()
+    if warm:
+        print(f"compile caches warm after {time.time() - t0:.0f}s", flush=True)
     if a.data_only:
         return 0
 
@@ -146,8 +176,7 @@ def main() -> int:
               "--data.path", str(path), "--data.seed", str(seed), "--data.caption_dropout", str(a.caption_dropout),
               "--train.seed", str(seed), "--train.steps", str(a.steps), "--train.batch_size", str(a.batch),
               "--train.output_dir", str(run), "--optim.lr", str(a.lr), "--checkpoint.interval", str(a.steps),
-              "--train.itc_weight", str(a.itc_weight if itc is None else itc)]
-        ov += ["--model.encoders", a.encoders] if a.encoders else []
+              "--train.itc_weight", str(a.itc_weight if itc is None else itc)] + common_overrides(a, compile_)
         dev = {"CUDA_VISIBLE_DEVICES": str(i % gpus)} if gpus else {}
         cmds.append((PY + ov, {**dev, "OMP_NUM_THREADS": "1"}, work / f"train-{arm}-s{seed}.log"))
     walls = run_all(cmds, timeout_s=60 * a.max_minutes)

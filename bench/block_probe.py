@@ -27,7 +27,7 @@ from fluxtrain.models.flux import build_transformer  # noqa: E402
 from fluxtrain.models.presets import transformer_kwargs  # noqa: E402
 from fluxtrain.parallel.activation_checkpoint import apply_ac  # noqa: E402
 from fluxtrain.parallel.compile import apply_compile  # noqa: E402
-from train_step import sdpa_context  # noqa: E402
+from fluxtrain.parallel.attention import apply_attention_backend  # noqa: E402
 
 
 def probe(kw: dict, attn: str, ac: str, batch: int, text: int, steps: int, device: str, lat: int,
@@ -35,6 +35,7 @@ def probe(kw: dict, attn: str, ac: str, batch: int, text: int, steps: int, devic
     torch.manual_seed(0)
     model = build_transformer(kw, device=device).to(torch.bfloat16)
     p = C.ParallelConfig(activation_checkpointing="selective" if ac == "ops" else ac, ac_ops=ac == "ops")
+    apply_attention_backend(model, attn, device, "bf16")
     apply_ac(model, p)
     if compiled and device == "cuda":
         apply_compile(model)
@@ -43,20 +44,19 @@ def probe(kw: dict, attn: str, ac: str, batch: int, text: int, steps: int, devic
     pooled = torch.randn(batch, kw["pooled_projection_dim"], device=device, dtype=torch.bfloat16)
     sigma = torch.rand(batch, device=device)
     times = []
-    with sdpa_context(attn):
-        for i in range(steps + 2):
-            if device == "cuda":
-                torch.cuda.synchronize()
-                if i == 2:
-                    base = torch.cuda.memory_allocated()
-                    torch.cuda.reset_peak_memory_stats()
-            t0 = time.perf_counter()
-            out = model(**flow.transformer_inputs(x, sigma, seq, pooled, lat, lat, 1.0))[0]
-            out.float().square().mean().backward()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-            model.zero_grad(set_to_none=True)
+    for i in range(steps + 2):
+        if device == "cuda":
+            torch.cuda.synchronize()
+            if i == 2:
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        out = model(**flow.transformer_inputs(x, sigma, seq, pooled, lat, lat, 1.0))[0]
+        out.float().square().mean().backward()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        model.zero_grad(set_to_none=True)
     peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if device == "cuda" else 0.0
     return dict(attn=attn, ac=ac, batch=batch, fwd_bwd_s=round(statistics.median(times[2:]), 4),
                 activation_peak_gib=round(peak, 3))

@@ -38,15 +38,12 @@ from fluxtrain.parallel import after_optimizer_step  # noqa: E402
 from fluxtrain.train import clip_grad_norm  # noqa: E402
 from fluxtrain.parallel import mesh as pmesh  # noqa: E402
 
-BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION", "math": "MATH"}
-
-
 def variant_config(base: list[str], spec: dict) -> C.Config:
     ov = list(base)
     m = {"ac": "parallel.activation_checkpointing", "ac_every": "parallel.ac_every", "ac_ops": "parallel.ac_ops",
          "compile": "train.compile", "strategy": "parallel.strategy", "offload": "parallel.cpu_offload",
          "mp": "parallel.mixed_precision", "batch": "train.batch_size", "prefetch": "parallel.forward_prefetch", "bprefetch": "parallel.backward_prefetch",
-         "reshard_last": "parallel.reshard_last_block", "fp8": "parallel.fp8"}
+         "reshard_last": "parallel.reshard_last_block", "fp8": "parallel.fp8", "attn": "model.attention_backend"}
     for k, v in spec.items():
         if k == "lora":  # LoRA of this rank on a frozen bf16 base
             ov += ["--lora.enabled", "true", "--lora.rank", v, "--lora.alpha", v, "--lora.base_dtype", "bf16"]
@@ -56,18 +53,8 @@ def variant_config(base: list[str], spec: dict) -> C.Config:
     return C.load(None, ov)
 
 
-def sdpa_context(name: str):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    if name in (None, "auto"):
-        import contextlib
-
-        return contextlib.nullcontext()
-    return sdpa_kernel([getattr(SDPBackend, BACKENDS[name])])
-
-
 def run_variant(D, args, spec: dict) -> dict:
-    cfg = variant_config(args.base, spec)
+    cfg = variant_config(args.base, {"attn": args.attn, **spec})
     cuda = D.device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     if cuda:
@@ -88,23 +75,22 @@ def run_variant(D, args, spec: dict) -> dict:
     seq = torch.randn(b, txt_tok, kw["joint_attention_dim"], device=D.device, generator=g)
     pooled = torch.randn(b, kw["pooled_projection_dim"], device=D.device, generator=g)
     times, losses = [], []
-    with sdpa_context(spec.get("attn", args.attn)):
-        for i in range(args.warmup + args.steps):
-            sync()
-            t0 = time.perf_counter()
-            sigma = torch.rand(b, device=D.device, generator=g)
-            x_t = flow.noisy_input(x0, noise, sigma)
-            pred = model(**flow.transformer_inputs(x_t, sigma, seq, pooled, lat, lat, 1.0))[0]
-            loss = flow.flow_loss(pred, flow.target(x0, noise), sigma)
-            loss.backward()
-            clip_grad_norm(model, 1.0)
-            opt.step()
-            after_optimizer_step(model, cfg)
-            opt.zero_grad(set_to_none=True)
-            sync()
-            if i >= args.warmup:
-                times.append(time.perf_counter() - t0)
-                losses.append(float(loss.detach()))
+    for i in range(args.warmup + args.steps):
+        sync()
+        t0 = time.perf_counter()
+        sigma = torch.rand(b, device=D.device, generator=g)
+        x_t = flow.noisy_input(x0, noise, sigma)
+        pred = model(**flow.transformer_inputs(x_t, sigma, seq, pooled, lat, lat, 1.0))[0]
+        loss = flow.flow_loss(pred, flow.target(x0, noise), sigma)
+        loss.backward()
+        clip_grad_norm(model, 1.0)
+        opt.step()
+        after_optimizer_step(model, cfg)
+        opt.zero_grad(set_to_none=True)
+        sync()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+            losses.append(float(loss.detach()))
     step = statistics.median(times)
     steady_gib = torch.cuda.memory_allocated() / 2**30 if cuda else 0.0
     t = torch.tensor([step], device=D.device)

@@ -100,6 +100,8 @@ class OptimConfig:
 class ParallelConfig:
     strategy: Literal["FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD"] = "FULL_SHARD"
     mixed_precision: Literal["bf16", "fp32"] = "bf16"
+    # fp32 matmuls on a GPU use TF32 tensor cores (10-bit mantissa, ~8x the fp32 rate on Hopper); false: exact fp32
+    tf32: bool = True
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
     # selective AC: checkpoint every k-th block (k=1 is full) or, with ac_ops, save matmuls and recompute the rest.
     ac_every: int = 2
@@ -386,10 +388,22 @@ def validate(cfg: Config) -> None:
         raise ConfigError("lora.enabled with parallel.fp8 is not supported yet: turn one of them off")
     if cfg.lora.enabled and cfg.lora.rank < 1:
         raise ConfigError(f"lora.rank must be ≥ 1 (got {cfg.lora.rank})")
+    from fluxtrain.parallel.attention import check_backend
+
+    dev = t.device if t.device != "auto" else ("cuda" if _cuda_available() else "cpu")
+    problem = check_backend(cfg.model.attention_backend, dev, p.mixed_precision)
+    if problem:
+        raise ConfigError(problem)
     if not 0.0 < cfg.ema.decay < 1.0:
         raise ConfigError(f"ema.decay must be in (0, 1) (got {cfg.ema.decay})")
     if t.inject_nan_at_step is not None and t.inject_nan_at_step < 1:
         raise ConfigError("train.inject_nan_at_step must be ≥ 1")
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def validate_world(cfg: Config, world_size: int, local_world_size: int) -> None:

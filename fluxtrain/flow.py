@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
-from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+from diffusers.training_utils import compute_loss_weighting_for_sd3
 
 
 def pack(latents: torch.Tensor) -> torch.Tensor:
@@ -47,12 +47,25 @@ def time_shift(mu: float, t: torch.Tensor) -> torch.Tensor:
 def sample_sigmas(batch: int, image_seq_len: int, scheme: str, *, logit_mean=0.0, logit_std=1.0, mode_scale=1.29,
                   shift=True, generator: torch.Generator | None = None, device="cpu") -> torch.Tensor:
     """σ ∈ (0, 1) per sample: 0 is data, 1 is noise."""
-    u = compute_density_for_timestep_sampling(scheme, batch, logit_mean=logit_mean, logit_std=logit_std,
-                                              mode_scale=mode_scale, generator=generator, device="cpu")
-    u = u.clamp(1e-5, 1 - 1e-5)
-    if shift:
-        u = time_shift(shift_mu(image_seq_len), u)
-    return u.to(device)
+    z = torch.randn(batch, generator=generator)
+    u = torch.rand(batch, generator=generator)
+    return sigmas_from_draws(z, u, image_seq_len, scheme, logit_mean=logit_mean, logit_std=logit_std,
+                             mode_scale=mode_scale, shift=shift).to(device)
+
+
+def sigmas_from_draws(z: torch.Tensor, u: torch.Tensor, image_seq_len: int, scheme: str, *, logit_mean=0.0,
+                      logit_std=1.0, mode_scale=1.29, shift=True) -> torch.Tensor:
+    """σ from one standard-normal draw `z` and one uniform draw `u` per sample: the densities of diffusers'
+    compute_density_for_timestep_sampling (SD3's logit-normal and mode schemes), vectorised over draws that the
+    trainer makes per sample."""
+    if scheme == "logit_normal":
+        t = torch.sigmoid(logit_mean + logit_std * z)
+    elif scheme == "mode":
+        t = 1 - u - mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
+    else:
+        t = u
+    t = t.clamp(1e-5, 1 - 1e-5)
+    return time_shift(shift_mu(image_seq_len), t) if shift else t
 
 
 def noisy_input(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

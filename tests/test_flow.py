@@ -1,3 +1,4 @@
+import pytest
 import torch
 from diffusers import FluxPipeline
 
@@ -39,6 +40,22 @@ def test_sigma_sampling_and_shift():
     shifted = flow.sample_sigmas(4096, 4096, "logit_normal", generator=g, shift=True)
     assert float(shifted.median()) > 0.7  # 1024² images get noisier timesteps (mu = 1.15)
     assert abs(flow.shift_mu(256) - 0.5) < 1e-9 and abs(flow.shift_mu(4096) - 1.15) < 1e-9
+
+
+@pytest.mark.parametrize("scheme", ["logit_normal", "mode", "uniform"])
+def test_sigmas_from_draws_match_diffusers_densities(scheme):
+    """The trainer's vectorised timestep maths gives diffusers' compute_density_for_timestep_sampling on the same
+    draws (a normal for logit-normal, a uniform for the others)."""
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    kw = dict(logit_mean=0.3, logit_std=1.2, mode_scale=1.29)
+    ref = compute_density_for_timestep_sampling(scheme, 1000, generator=torch.Generator().manual_seed(0), **kw)
+    z = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    u = torch.rand(1000, generator=torch.Generator().manual_seed(0))
+    ours = flow.sigmas_from_draws(z, u, 4096, scheme, shift=False, **kw)
+    torch.testing.assert_close(ours, ref.clamp(1e-5, 1 - 1e-5), atol=1e-6, rtol=0)
+    shifted = flow.sigmas_from_draws(z, u, 4096, scheme, shift=True, **kw)
+    torch.testing.assert_close(shifted, flow.time_shift(flow.shift_mu(4096), ours))
 
 
 def test_true_cfg_combines_the_branches_of_one_batch():

@@ -6,6 +6,7 @@ import torch
 
 from fluxtrain.config import Config
 from fluxtrain.parallel.activation_checkpoint import apply_ac
+from fluxtrain.parallel.attention import apply_attention_backend
 from fluxtrain.parallel.compile import apply_compile
 from fluxtrain.parallel.fsdp import apply_fsdp
 
@@ -18,7 +19,9 @@ def wants_fsdp(mesh, cfg: Config) -> bool:
 
 
 def parallelize(model: torch.nn.Module, mesh, cfg: Config) -> torch.nn.Module:
-    """fp8, then AC, then compile, then FSDP (torchtitan's order: FSDP wraps the compiled, checkpointed blocks)."""
+    """Attention kernel, fp8, then AC, then compile, then FSDP (torchtitan's order: FSDP wraps the compiled,
+    checkpointed blocks)."""
+    apply_attention_backend(model, cfg.model.attention_backend, mesh.device_type, cfg.parallel.mixed_precision)
     if cfg.parallel.fp8:
         from fluxtrain.parallel.fp8 import apply_fp8
 
@@ -29,6 +32,12 @@ def parallelize(model: torch.nn.Module, mesh, cfg: Config) -> torch.nn.Module:
     if wants_fsdp(mesh, cfg):
         apply_fsdp(model, mesh, cfg.parallel)
     return model
+
+
+def set_matmul_precision(device: torch.device, tf32: bool) -> None:
+    """TF32 for fp32 matmuls and convolutions on a GPU (the flags are process-wide; the CPU has no TF32)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
 
 
 def after_optimizer_step(model: torch.nn.Module, cfg: Config) -> None:
