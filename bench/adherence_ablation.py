@@ -159,9 +159,10 @@ def main() -> int:
                  for i, d in enumerate(sets) if not (work / f"cache-{d}" / "manifest.json").is_file()])
     data_s = time.time() - t0
     print(f"data ready in {data_s:.0f}s: {cleaning}", flush=True)
-    for p in warm:
-        p.wait()
-    if warm:
+    if warm and any(p.wait() != 0 for p in warm):
+        compile_ = False  # a compiled run that can't start would cost every arm its score
+        print(f"compiled warm-up failed (logs {work}/warm*.log): the runs train eagerly", flush=True)
+    elif warm:
         print(f"compile caches warm after {time.time() - t0:.0f}s", flush=True)
     if a.data_only:
         return 0
