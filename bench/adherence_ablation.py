@@ -95,7 +95,8 @@ def _cleaning_report(work: Path, sets: dict, chunks: int) -> dict:
 
 def common_overrides(a, compile_: bool) -> list[str]:
     ov = ["--train.compile", str(compile_).lower()]
-    ov += ["--ema.enabled", "true", "--ema.decay", str(a.ema_decay)] if a.ema_decay > 0 else []
+    # warmup ramps the decay (min(decay, (1+t)/(10+t))): without it a short run's EMA still holds its random init
+    ov += ["--ema.enabled", "true", "--ema.decay", str(a.ema_decay), "--ema.warmup", "true"] if a.ema_decay > 0 else []
     return ov + (["--model.encoders", a.encoders] if a.encoders else [])
 
 
@@ -138,7 +139,7 @@ def main() -> int:
     ap.add_argument("--data-only", action="store_true", help="make the data sets and stop")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                     help="per-block torch.compile (default: on with GPUs); the caches are warmed while data is made")
-    ap.add_argument("--ema-decay", type=float, default=0.999, help="score the EMA weights (0: the raw weights)")
+    ap.add_argument("--ema-decay", type=float, default=0.995, help="score the EMA weights (0: the raw weights)")
     a = ap.parse_args()
     work, out = Path(a.work), Path(a.out)
     work.mkdir(parents=True, exist_ok=True)

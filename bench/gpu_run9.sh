@@ -8,7 +8,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   2>/dev/null && export PYTHONPATH=/tmp/site:$PWD || exit 1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nproc; nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
-timeout 565 python3 bench/adherence_ablation.py --work /tmp/ablation --out "$OUT" --max-minutes ${MAX_MIN:-4.5} --num ${NUM:-48000} --chunks ${CHUNKS:-8} 2>&1 \
+timeout 565 python3 bench/adherence_ablation.py --work /tmp/ablation --out "$OUT" --max-minutes ${MAX_MIN:-4.5} --num ${NUM:-48000} --chunks ${CHUNKS:-8} --batch ${BATCH:-128} 2>&1 \
   | grep -v "UserWarning\|warnings.warn\|Loading weights" | tail -40
 cd /tmp/ablation && tar czf "$OUT/logs.tgz" *.log evals runs/*/metrics.jsonl 2>/dev/null
 for f in train-baseline-s0 train-all-s0 warm0; do echo "== $f"; grep -v Loading $f.log | tail -4; done
