@@ -8,7 +8,7 @@ export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True PYTHONUNBUFFERED=1 NCCL_
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   2>/dev/null && export PYTHONPATH=/tmp/site:$PWD || exit 1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-(for v in flash,ops cudnn,ops flash,none cudnn,none; do
+(for v in cudnn,ops flash,ops; do
    timeout 60 python3 bench/block_probe.py --double 1 --single 2 --batch 2 --variants $v 2>&1 | grep "^{" ; done \
    > "$OUT/probe.log") &
 timeout 540 python3 bench/adherence_ablation.py --work /tmp/ablation --out "$OUT" --max-minutes ${MAX_MIN:-4.2} \
