@@ -133,6 +133,22 @@ def test_global_batch_is_independent_of_world_size_and_resumes(cache, encoders):
     assert torch.equal(next(again)["latent_mean"], nxt["latent_mean"])
 
 
+def test_whole_shard_reads_equal_sliced_reads(cache, encoders, monkeypatch):
+    """Small shards are read whole and indexed, large ones sliced per sample: the batches must not differ."""
+    from fluxtrain.data import cache as cache_mod
+
+    whole = build_cache_loader(cache_cfg(cache, encoders, bs=5, shuffle=100), 0, 1)
+    assert all(w is not None for _, _, w in [whole._open(j) for j in range(len(whole.files))])  # opened now
+    monkeypatch.setattr(cache_mod, "WHOLE_SHARD_BYTES", 0)
+    sliced = build_cache_loader(cache_cfg(cache, encoders, bs=5, shuffle=100), 0, 1)
+    assert all(w is None for _, _, w in [sliced._open(j) for j in range(len(sliced.files))])
+    for _ in range(4):  # crosses shards and an epoch boundary
+        a, b = next(whole), next(sliced)
+        assert a["captions"] == b["captions"] and torch.equal(a["cache_index"], b["cache_index"])
+        for k in ("latent_mean", "latent_std", "seq", "pooled"):
+            assert torch.equal(a[k], b[k])
+
+
 def test_rerun_makes_only_missing_shards(cache, source, encoders, tmp_path):
     import shutil
 
