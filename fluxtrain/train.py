@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from fluxtrain import config as C
-from fluxtrain import flow
+from fluxtrain import flow, rng
 from fluxtrain.checkpoint import Checkpointer, find_resume
 from fluxtrain.data.loader import build_loader
 from fluxtrain.metrics import MetricsWriter, Throughput, flux_flops_per_sample, memory_stats, setup_logging
@@ -31,23 +31,17 @@ class NonFiniteError(RuntimeError):
 
 def sample_noise(indices: torch.Tensor, seed: int, lat_shape, image_seq_len: int, tc: C.TrainConfig,
                  drop_p: float, device=None):
-    """Per-sample randomness from (seed, global sample index): the same draws whatever the world size (on one device
-    type; a CUDA generator's stream differs from the CPU's). Drawn on `device`: one generator reseeded per sample, one
-    normal and one uniform call each, the timestep maths vectorised (drawing on the CPU cost 10 ms a step at batch
-    128). Returns (posterior noise, flow noise, σ, caption-dropout mask), all on `device`."""
+    """Per-sample randomness from (seed, global sample index), counter-based (fluxtrain/rng.py): the same draws
+    whatever the world size, batch split or device, drawn on `device` in a few vectorised ops. Returns (posterior
+    noise, flow noise, σ, caption-dropout mask)."""
     n, b = math.prod(lat_shape), len(indices)
-    normals = torch.empty(b, 2 * n + 1, device=device)
-    uniforms = torch.empty(b, 2, device=device)
-    g = torch.Generator(device=normals.device)
-    for k, i in enumerate(indices.tolist()):
-        g.manual_seed(seed * 1_000_003 + i)
-        torch.randn(2 * n + 1, generator=g, out=normals[k])
-        torch.rand(2, generator=g, out=uniforms[k])
-    sigma = flow.sigmas_from_draws(normals[:, -1], uniforms[:, 0], image_seq_len, tc.timestep_sampling,
-                                   logit_mean=tc.logit_mean, logit_std=tc.logit_std, mode_scale=tc.mode_scale,
-                                   shift=tc.shift)
-    return (normals[:, :n].view(b, *lat_shape), normals[:, n:2 * n].view(b, *lat_shape), sigma,
-            uniforms[:, 1] < drop_p)
+    post = rng.normal(seed, indices, 0, n, device).view(b, *lat_shape)
+    eps = rng.normal(seed, indices, 1, n, device).view(b, *lat_shape)
+    z = rng.normal(seed, indices, 2, 1, device)[:, 0]
+    u = rng.uniform(seed, indices, 3, 2, device).float()
+    sigma = flow.sigmas_from_draws(z, u[:, 0], image_seq_len, tc.timestep_sampling, logit_mean=tc.logit_mean,
+                                   logit_std=tc.logit_std, mode_scale=tc.mode_scale, shift=tc.shift)
+    return post, eps, sigma, u[:, 1] < drop_p
 
 
 class Encoders:
@@ -103,6 +97,8 @@ def forward_backward(model, enc: Encoders, batch: dict, cfg: C.Config, device, s
                      loss_scale: float, itc=None) -> torch.Tensor:
     """One micro-batch: the model-specific part of training. Returns the (unscaled) loss."""
     tc = cfg.train
+    if tc.compile and tc.compile_mode == "reduce-overhead":
+        torch.compiler.cudagraph_mark_step_begin()  # a new iteration: the last step's graph outputs may be reused
     mean, std, seq, pooled = enc.inputs(batch)
     lat_h, lat_w = mean.shape[-2:]
     seq_len = (lat_h // 2) * (lat_w // 2)

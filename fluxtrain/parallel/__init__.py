@@ -28,7 +28,10 @@ def parallelize(model: torch.nn.Module, mesh, cfg: Config) -> torch.nn.Module:
         apply_fp8(model)
     apply_ac(model, cfg.parallel)
     if cfg.train.compile:
-        apply_compile(model)
+        if cfg.train.compile_mode == "reduce-overhead" and wants_fsdp(mesh, cfg):
+            raise ValueError(f"train.compile_mode = reduce-overhead needs one process without FSDP (world size is "
+                             f"{mesh.size()}): use train.compile_mode = default")
+        apply_compile(model, cfg.train.compile_mode)
     if wants_fsdp(mesh, cfg):
         apply_fsdp(model, mesh, cfg.parallel)
     return model
