@@ -11,7 +11,7 @@ for c in 0 1 2 3; do python3 -m fluxtrain data synth --out $W/shards/p$c --num 5
 python3 -m fluxtrain cache --config configs/ablation-small.toml --out $W/cache --data.path "$W/shards/p*/*.tar" \
   --batch-size 256 2>&1 | tail -1
 for m in reduce-overhead default; do
-  timeout 85 python3 -m fluxtrain train --config configs/ablation-small.toml --data.source cache \
+  timeout 72 python3 -m fluxtrain train --config configs/ablation-small.toml --data.source cache \
     --data.path $W/cache --train.batch_size 128 --train.steps 1000 --train.output_dir $W/run-$m --train.compile true \
     --train.compile_mode $m --log.interval 100 --checkpoint.interval 100000 --data.caption_dropout 0.1 \
     --ema.enabled true --ema.warmup true --ema.decay 0.995 2>&1 | grep "^step\|Error" | tail -4 | sed "s/^/$m: /"
