@@ -392,9 +392,13 @@ def validate(cfg: Config) -> None:
     if cfg.lora.enabled and cfg.lora.rank < 1:
         raise ConfigError(f"lora.rank must be ≥ 1 (got {cfg.lora.rank})")
     if t.compile_mode == "reduce-overhead":
-        why = ("train.compile is false" if not t.compile else "train.itc_weight > 0 (its second forward would overwrite "
-               "the graphs' outputs)" if t.itc_weight > 0 else "FSDP's hooks can't run inside a CUDA graph, and "
-               "bf16 or CPU offload train under FSDP" if p.mixed_precision != "fp32" or p.cpu_offload else None)
+        why = None
+        if not t.compile:
+            why = "train.compile is false"
+        elif t.itc_weight > 0:
+            why = "train.itc_weight > 0 (its second forward would overwrite the graphs' outputs)"
+        elif p.mixed_precision != "fp32" or p.cpu_offload:
+            why = "FSDP's hooks can't run inside a CUDA graph, and bf16 or CPU offload train under FSDP"
         if why:
             raise ConfigError(f"train.compile_mode = reduce-overhead can't be used here: {why}; use "
                               "train.compile_mode = default")

@@ -34,7 +34,7 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
 def uniform(seed: int, indices: torch.Tensor, stream: int, n: int, device=None) -> torch.Tensor:
     """[len(indices), n] float64 in (0, 1)."""
     idx = indices.to(device=device, dtype=torch.int64).reshape(-1, 1)
-    key = _mix(_mix(_mix(idx * 0 + _i64(seed % (1 << 64)) + _GOLDEN) + idx) + stream)
+    key = _mix(_mix(_mix(torch.full_like(idx, _i64(seed % (1 << 64))) + _GOLDEN) + idx) + stream)
     x = _mix(key + torch.arange(1, n + 1, dtype=torch.int64, device=idx.device) * _GOLDEN)
     return (_srl(x, 11).double() + 0.5) * 2.0**-53
 
