@@ -10,7 +10,8 @@ sets with classifier-free guidance (trained with caption dropout):
   itc       the baseline's data + the ITC auxiliary loss
   all       cleaned complex-augmented shards + ITC
 Every (arm, seed) run is its own process; runs go round-robin over the visible GPUs and all run at once (a small
-model is launch-bound, so several share a GPU). A run still going at --max-minutes gets SIGTERM, which makes the
+model is launch-bound, so several share a GPU), or in rounds of --runs-per-gpu per GPU (1: each run has a GPU to
+itself; on one run alone, CUDA graphs (--cuda-graphs) give 1.6x the steps). A run still going at --max-minutes gets SIGTERM, which makes the
 trainer checkpoint and exit 0: it is then scored at the step it reached (the table says which). Writes
 `ablation.json` and `ablation.md` (the table) to --out.
 """
@@ -104,11 +105,13 @@ def warm_compile_cache(a, work: Path, gpus: int) -> list[subprocess.Popen]:
     """A few compiled steps with and without ITC (the same shapes as the runs, on-the-fly synthetic data) while the
     data sets are made, so the runs start from inductor's on-disk caches instead of each compiling for a minute."""
     procs = []
-    for i, itc in enumerate((0.0, a.itc_weight)):
+    modes = [(0.0, "default"), (a.itc_weight, "default")] + ([(0.0, "reduce-overhead")] if a.cuda_graphs else [])
+    for i, (itc, mode) in enumerate(modes):
         ov = ["train", "--config", str(ROOT / a.config), "--model.preset", a.preset, "--data.source", "synthetic",
               "--data.caption_dropout", str(a.caption_dropout), "--train.steps", "12", "--train.batch_size",
               str(a.batch), "--train.output_dir", str(work / f"warm{i}"), "--checkpoint.interval", "1000",
-              "--eval.interval", "0", "--log.interval", "4", "--train.itc_weight", str(itc)] + common_overrides(a, True)
+              "--eval.interval", "0", "--log.interval", "4", "--train.itc_weight", str(itc),
+              "--train.compile_mode", mode] + common_overrides(a, True)
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(i % gpus)} if gpus else dict(os.environ)
         procs.append(subprocess.Popen(PY + ov, env=env, cwd=ROOT, stdout=open(work / f"warm{i}.log", "w"),
                                       stderr=subprocess.STDOUT))
@@ -139,6 +142,10 @@ def main() -> int:
     ap.add_argument("--data-only", action="store_true", help="make the data sets and stop")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                     help="per-block torch.compile (default: on with GPUs); the caches are warmed while data is made")
+    ap.add_argument("--runs-per-gpu", type=int, default=0,
+                    help="run the (arm, seed) runs in rounds of this many per GPU (0: all at once)")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="train.compile_mode = reduce-overhead for the arms without ITC (1.6x on one run alone)")
     ap.add_argument("--ema-decay", type=float, default=0.995, help="score the EMA weights (0: the raw weights)")
     a = ap.parse_args()
     work, out = Path(a.work), Path(a.out)
@@ -160,9 +167,13 @@ def main() -> int:
                  for i, d in enumerate(sets) if not (work / f"cache-{d}" / "manifest.json").is_file()])
     data_s = time.time() - t0
     print(f"data ready in {data_s:.0f}s: {cleaning}", flush=True)
-    if warm and any(p.wait() != 0 for p in warm):
+    codes = [p.wait() for p in warm]
+    if any(codes[:2]):
         compile_ = False  # a compiled run that can't start would cost every arm its score
         print(f"compiled warm-up failed (logs {work}/warm*.log): the runs train eagerly", flush=True)
+    elif any(codes[2:]):
+        a.cuda_graphs = False
+        print(f"CUDA-graph warm-up failed (log {work}/warm2.log): default compile mode", flush=True)
     elif warm:
         print(f"compile caches warm after {time.time() - t0:.0f}s", flush=True)
     if a.data_only:
@@ -179,9 +190,14 @@ def main() -> int:
               "--train.seed", str(seed), "--train.steps", str(a.steps), "--train.batch_size", str(a.batch),
               "--train.output_dir", str(run), "--optim.lr", str(a.lr), "--checkpoint.interval", str(a.steps),
               "--train.itc_weight", str(a.itc_weight if itc is None else itc)] + common_overrides(a, compile_)
+        if compile_ and a.cuda_graphs and itc == 0.0:  # ITC's second forward can't share the graphs
+            ov += ["--train.compile_mode", "reduce-overhead"]
         dev = {"CUDA_VISIBLE_DEVICES": str(i % gpus)} if gpus else {}
         cmds.append((PY + ov, {**dev, "OMP_NUM_THREADS": "1"}, work / f"train-{arm}-s{seed}.log"))
-    walls = run_all(cmds, timeout_s=60 * a.max_minutes)
+    per_round = len(cmds) if not a.runs_per_gpu else max(1, gpus) * a.runs_per_gpu
+    walls = []
+    for r in range(0, len(cmds), per_round):  # rounds: at most runs_per_gpu runs share a GPU
+        walls += run_all(cmds[r:r + per_round], timeout_s=60 * a.max_minutes)
 
     evals = []
     for i, (arm, seed) in enumerate(runs):
