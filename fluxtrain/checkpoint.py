@@ -442,6 +442,20 @@ class Checkpointer:
         p.staging = None
         self._stalled(p.step, p.stall + time.perf_counter() - t0)
 
+    def poll(self) -> None:
+        """Publish the async save in flight once every rank's upload is done, instead of at the next save (a crash
+        between the two would resume from the checkpoint before). Called at the same point of every step on every
+        rank; the ranks agree first (on the default group, the async saves use their own), as publishing is
+        collective."""
+        p = self.pending
+        if p is None or p.staging is not None:  # a background copy is awaited by staged(), before the optimizer
+            return
+        done = torch.tensor([1 if p.upload.done() else 0])
+        if self.world > 1:
+            dist.all_reduce(done, op=dist.ReduceOp.MIN)
+        if done.item():
+            self.wait()
+
     def wait(self) -> None:
         """Finish the async save in flight, if any, and publish it."""
         p = self.pending

@@ -289,6 +289,8 @@ def _train(cfg: C.Config, D: pmesh.Dist, run_dir: Path, log) -> dict:
         if step % cfg.checkpoint.interval == 0 or step == tc.steps or stopping:
             extra = {"data": data.state_dict(), **counters}
             ckpt.save(step, model, opt, sched, extra, async_ok=not (step == tc.steps or stopping))
+        else:
+            ckpt.poll()  # a finished async save is published now, not at the next save
         if stopping:
             log.info(f"stop signal: checkpoint written at step {step}, exiting for a resume")
             metrics.event(step, "preempted")

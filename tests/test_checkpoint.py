@@ -36,6 +36,16 @@ def test_sigkill_then_same_command_resumes_bitwise(reference, tmp_path):
     assert events(tmp_path, "resume")[-1]["step"] == 10
 
 
+def test_async_save_is_published_before_the_next_save(tmp_path):
+    """A finished async save is published within steps, not at the next save: a crash in between resumes from it.
+    (It was published only when the next save began, so a kill at step 19 left nothing to resume.)"""
+    res = torchrun(2, _train_args(tmp_path, ["--checkpoint.async_save", "true"]),
+                   extra_env={"FLUXTRAIN_TEST_KILL_AT_STEP": "19"})
+    assert res.returncode != 0
+    assert [p.name for p in complete_checkpoints(tmp_path / "checkpoints")] == ["step-00000010"], res.stderr[-3000:]
+    assert find_resume(tmp_path, "auto").name == "step-00000010"
+
+
 def test_torchrun_max_restarts_recovers_a_killed_rank(reference, tmp_path):
     # elastic restarts go through a c10d rendezvous (as deploy/slurm does): the static one reuses stale addresses
     rdzv = ["--max-restarts", "1", "--rdzv-backend", "c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}"]
