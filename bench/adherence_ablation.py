@@ -147,7 +147,17 @@ def main() -> int:
     ap.add_argument("--cuda-graphs", action="store_true",
                     help="train.compile_mode = reduce-overhead for the arms without ITC (1.6x on one run alone)")
     ap.add_argument("--ema-decay", type=float, default=0.995, help="score the EMA weights (0: the raw weights)")
+    ap.add_argument("--merge", nargs="+", default=None,
+                    help="ablation.json files of calls that ran different arms: write their joint table and stop")
     a = ap.parse_args()
+    if a.merge:
+        parts = [json.loads(Path(f).read_text()) for f in a.merge]
+        joint = {**parts[0], "rows": [r for p in parts for r in p["rows"]], "merged": a.merge}
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+        (Path(a.out) / "ablation.json").write_text(json.dumps(joint, indent=1))
+        (Path(a.out) / "ablation.md").write_text(table(joint))
+        print(table(joint))
+        return 0
     work, out = Path(a.work), Path(a.out)
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
