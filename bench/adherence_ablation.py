@@ -11,9 +11,10 @@ sets with classifier-free guidance (trained with caption dropout):
   all       cleaned complex-augmented shards + ITC
 Every (arm, seed) run is its own process; runs go round-robin over the visible GPUs and all run at once (a small
 model is launch-bound, so several share a GPU), or in rounds of --runs-per-gpu per GPU (1: each run has a GPU to
-itself; on one run alone, CUDA graphs (--cuda-graphs) give 1.6x the steps). A run still going at --max-minutes gets SIGTERM, which makes the
-trainer checkpoint and exit 0: it is then scored at the step it reached (the table says which). Writes
-`ablation.json` and `ablation.md` (the table) to --out.
+itself; there CUDA graphs, --cuda-graphs, give 1.6x the steps). A run still going at --max-minutes gets SIGTERM,
+which makes the trainer checkpoint and exit 0: it is then scored at the step it reached (the table says which).
+Writes `ablation.json` and `ablation.md` (the table) to --out; --merge joins the tables of calls that ran different
+arms.
 """
 
 from __future__ import annotations
