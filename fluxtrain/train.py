@@ -32,7 +32,7 @@ class NonFiniteError(RuntimeError):
 def sample_noise(indices: torch.Tensor, seed: int, lat_shape, image_seq_len: int, tc: C.TrainConfig,
                  drop_p: float, device=None):
     """Per-sample randomness from (seed, global sample index), counter-based (fluxtrain/rng.py): the same draws
-    whatever the world size, batch split or device, drawn on `device` in a few vectorised ops. Returns (posterior
+    whatever the world size or batch split, drawn on `device` in a few vectorised ops. Returns (posterior
     noise, flow noise, σ, caption-dropout mask)."""
     n, b = math.prod(lat_shape), len(indices)
     post = rng.normal(seed, indices, 0, n, device).view(b, *lat_shape)
