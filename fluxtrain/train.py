@@ -53,7 +53,7 @@ class Encoders:
     def __init__(self, cfg: C.Config, device: torch.device, data=None):
         self.cfg, self.device = cfg, device
         self.cache = data if cfg.data.source == "cache" else None
-        self._text = self._vae = None
+        self._text = self._vae = self._empty = None
         vae_cfg = json.loads((encoders_folder(cfg) / "vae" / "config.json").read_text())
         self.downsample = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
         if self.cache is None:
@@ -88,9 +88,14 @@ class Encoders:
         return mean, std, seq, pooled
 
     def empty(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.cache is not None:
-            return tuple(t.to(self.device).float() for t in self.cache.empty_prompt())
-        return self.text([""])
+        """The empty prompt's (seq, pooled), made once: every step with caption dropout or ITC asks for it (it read
+        the cache's file, or ran the text encoders, each time)."""
+        if self._empty is None:
+            if self.cache is not None:
+                self._empty = tuple(t.to(self.device).float() for t in self.cache.empty_prompt())
+            else:
+                self._empty = self.text([""])
+        return self._empty
 
 
 def forward_backward(model, enc: Encoders, batch: dict, cfg: C.Config, device, step: int, rank: int,
