@@ -3,6 +3,9 @@ faster in isolation (bench/attn_check.py) loses in the 12B run, this shows wheth
 
     python bench/block_probe.py --double 1 --single 2 --batch 2 --variants flash,ops cudnn,ops flash,none cudnn,none
 
+The first variant is the numerics reference: every later row gives its first step's output and gradient errors
+relative to it (`dcudnn` is diffusers' own cuDNN backend, `cudnn` fluxtrain's opaque op).
+
 Each variant: the flux-dev width with --double/--single blocks, bf16, per-block compile (unless `,eager`), AC mode
 (ops = op-level selective, none, full), random inputs at --resolution (1024²) + 512 text tokens; prints fwd+bwd median time and the peak memory
 above the weights (what the saved activations cost per block).
@@ -29,13 +32,22 @@ from fluxtrain.parallel.activation_checkpoint import apply_ac  # noqa: E402
 from fluxtrain.parallel.compile import apply_compile  # noqa: E402
 from fluxtrain.parallel.attention import apply_attention_backend  # noqa: E402
 
+try:
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+    DIFFUSERS_CUDNN = _AttentionBackendRegistry._backends[AttentionBackendName._NATIVE_CUDNN]  # before fluxtrain's
+except ImportError:
+    DIFFUSERS_CUDNN = None
+
 
 def probe(kw: dict, attn: str, ac: str, batch: int, text: int, steps: int, device: str, lat: int,
-          compiled: bool = True) -> dict:
+          compiled: bool = True, ref: dict | None = None) -> dict:
     torch.manual_seed(0)
     model = build_transformer(kw, device=device).to(torch.bfloat16)
     p = C.ParallelConfig(activation_checkpointing="selective" if ac == "ops" else ac, ac_ops=ac == "ops")
-    apply_attention_backend(model, attn, device, "bf16")
+    apply_attention_backend(model, "cudnn" if attn == "dcudnn" else attn, device, "bf16")
+    if attn == "dcudnn":  # diffusers' own cuDNN backend, not fluxtrain's opaque op
+        from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+        _AttentionBackendRegistry._backends[AttentionBackendName._NATIVE_CUDNN] = DIFFUSERS_CUDNN
     apply_ac(model, p)
     if compiled and device == "cuda":
         apply_compile(model)
@@ -43,7 +55,7 @@ def probe(kw: dict, attn: str, ac: str, batch: int, text: int, steps: int, devic
     seq = torch.randn(batch, text, kw["joint_attention_dim"], device=device, dtype=torch.bfloat16)
     pooled = torch.randn(batch, kw["pooled_projection_dim"], device=device, dtype=torch.bfloat16)
     sigma = torch.rand(batch, device=device)
-    times = []
+    times, check = [], {}
     for i in range(steps + 2):
         if device == "cuda":
             torch.cuda.synchronize()
@@ -56,10 +68,26 @@ def probe(kw: dict, attn: str, ac: str, batch: int, text: int, steps: int, devic
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
+        if i == 0 and ref is not None:  # numerics of the first step, against the reference variant's
+            check = compare(out, model, ref)
         model.zero_grad(set_to_none=True)
     peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if device == "cuda" else 0.0
     return dict(attn=attn, ac=ac, batch=batch, fwd_bwd_s=round(statistics.median(times[2:]), 4),
-                activation_peak_gib=round(peak, 3))
+                activation_peak_gib=round(peak, 3), **check)
+
+
+def compare(out: torch.Tensor, model: torch.nn.Module, ref: dict) -> dict:
+    """Relative errors of the output and of all gradients vs the reference's (the first variant's, stored in ref on
+    its first call), and whether any is non-finite."""
+    grads = [p.grad.detach().float().flatten() for p in model.parameters() if p.grad is not None]
+    g = torch.cat(grads)
+    o = out.detach().float()
+    if not ref:
+        ref.update(out=o.clone(), grad=g.clone())
+        return dict(finite=bool(torch.isfinite(o).all() and torch.isfinite(g).all()))
+    rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
+    return dict(finite=bool(torch.isfinite(o).all() and torch.isfinite(g).all()),
+                out_rel_err=round(rel(o, ref["out"]), 5), grad_rel_err=round(rel(g, ref["grad"]), 5))
 
 
 def main() -> int:
@@ -75,10 +103,11 @@ def main() -> int:
     ap.add_argument("--variants", nargs="+", default=["flash,ops", "cudnn,ops", "flash,none", "cudnn,none"])
     a = ap.parse_args()
     kw = {**transformer_kwargs(a.preset), "num_layers": a.double, "num_single_layers": a.single}
+    ref: dict = {}  # the first variant is the numerics reference
     for v in a.variants:
         attn, ac, *mode = v.split(",")
         try:
-            row = probe(kw, attn, ac, a.batch, a.text_tokens, a.steps, a.device, a.resolution // 8, mode != ["eager"])
+            row = probe(kw, attn, ac, a.batch, a.text_tokens, a.steps, a.device, a.resolution // 8, mode != ["eager"], ref)
             row["compile"] = mode != ["eager"]
         except Exception as err:  # a failing variant is a row
             row = dict(attn=attn, ac=ac, error=f"{type(err).__name__}: {str(err).splitlines()[0][:200]}")

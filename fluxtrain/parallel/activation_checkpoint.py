@@ -9,6 +9,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from fluxtrain.config import ParallelConfig
+from fluxtrain.parallel import cudnn_attention  # noqa: F401  (registers torch.ops.fluxtrain.cudnn_attention)
 
 # Op-level selective AC saves the outputs of these (expensive to recompute) and recomputes the cheap rest:
 # normalisations, activations, rotary embedding, elementwise modulation.
@@ -19,6 +20,7 @@ _SAVE_OPS = {
     torch.ops.aten._scaled_dot_product_flash_attention.default,
     torch.ops.aten._scaled_dot_product_efficient_attention.default,
     torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+    torch.ops.fluxtrain.cudnn_attention.default,
 }
 
 

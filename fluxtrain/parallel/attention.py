@@ -41,6 +41,10 @@ def apply_attention_backend(model: torch.nn.Module, name: str, device_type: str,
         level = dlogging.get_verbosity()
         dlogging.set_verbosity_error()  # set_attention_backend warns that the API is experimental, every time
         try:
+            if backend == "cudnn":
+                from fluxtrain.parallel import cudnn_attention
+
+                cudnn_attention.install()
             model.set_attention_backend(DIFFUSERS_BACKEND[backend])
         finally:
             dlogging.set_verbosity(level)

@@ -1,0 +1,82 @@
+"""cuDNN attention as one op that torch.compile does not look into.
+
+torch's cuDNN SDPA is correct and ~1.8× flash at FLUX's shape when called eagerly (bench/attn_check.py), but inside
+compiled 12B training it crashed (illegal memory access) or trained on NaN (bench/RESULTS.md): inductor hands the
+kernels tensors whose layouts they mishandle. Here the forward and backward are custom ops: inductor calls them as
+opaque kernels with contiguous tensors, the eager calling convention that was proven right.
+
+`install()` routes diffusers' `_native_cudnn` backend through these ops (the registry is process-wide; only models
+set to that backend use it).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def _forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    out, lse, _, _, _, _, seed, offset, _ = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        q, k, v, None, True, 0.0, False, False, scale=scale)
+    return out.contiguous(), lse.contiguous(), seed, offset
+
+
+@torch.library.custom_op("fluxtrain::cudnn_attention", mutates_args=(), device_types="cuda")
+def cudnn_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """q, k, v: (batch, heads, tokens, head_dim), contiguous. Returns the output, its log-sum-exp and the (unused
+    at dropout 0) RNG state the backward takes."""
+    return _forward(q.contiguous(), k.contiguous(), v.contiguous(), scale)
+
+
+@cudnn_attention.register_fake
+def _(q, k, v, scale):
+    return _forward(q, k, v, scale)  # torch's meta kernel gives the shapes
+
+
+@torch.library.custom_op("fluxtrain::cudnn_attention_backward", mutates_args=(), device_types="cuda")
+def cudnn_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, seed: Tensor,
+                             offset: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+        grad.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), out, lse, seed, offset, None, None, None,
+        q.shape[2], k.shape[2], 0.0, False, scale=scale)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+@cudnn_attention_backward.register_fake
+def _(grad, q, k, v, out, lse, seed, offset, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, scale = inputs
+    out, lse, seed, offset = output
+    ctx.save_for_backward(q, k, v, out, lse, seed, offset)
+    ctx.scale = scale
+
+
+def _backward(ctx, grad, *_):
+    q, k, v, out, lse, seed, offset = ctx.saved_tensors
+    dq, dk, dv = cudnn_attention_backward(grad, q, k, v, out, lse, seed, offset, ctx.scale)
+    return dq, dk, dv, None
+
+
+cudnn_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _native_cudnn(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
+                  return_lse=False, _parallel_config=None):
+    """diffusers' backend signature; q/k/v arrive as (batch, tokens, heads, head_dim)."""
+    if attn_mask is not None or dropout_p or is_causal or enable_gqa or return_lse or _parallel_config is not None:
+        raise NotImplementedError("fluxtrain's cuDNN attention takes no mask, dropout, causal mask, GQA, LSE or "
+                                  "context parallelism: use model.attention_backend = flash")
+    q, k, v = (x.permute(0, 2, 1, 3) for x in (query, key, value))
+    out = cudnn_attention(q, k, v, scale if scale is not None else 1.0 / math.sqrt(q.shape[-1]))[0]
+    return out.permute(0, 2, 1, 3)
+
+
+def install() -> None:
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+    _AttentionBackendRegistry._backends[AttentionBackendName._NATIVE_CUDNN] = _native_cudnn
