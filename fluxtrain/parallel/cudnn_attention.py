@@ -17,16 +17,15 @@ import torch
 from torch import Tensor
 
 
-def _forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    out, lse, _, _, _, _, seed, offset, _ = torch.ops.aten._scaled_dot_product_cudnn_attention(
-        q, k, v, None, True, 0.0, False, False, scale=scale)
-    return out.contiguous(), lse.contiguous(), seed, offset
+def _forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    out, lse, *_ = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False,
+                                                                        scale=scale)
+    return out.contiguous(), lse.contiguous()
 
 
 @torch.library.custom_op("fluxtrain::cudnn_attention", mutates_args=(), device_types="cuda")
-def cudnn_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """q, k, v: (batch, heads, tokens, head_dim), contiguous. Returns the output, its log-sum-exp and the (unused
-    at dropout 0) RNG state the backward takes."""
+def cudnn_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """q, k, v: (batch, heads, tokens, head_dim). Returns the output and its log-sum-exp (for the backward)."""
     return _forward(q.contiguous(), k.contiguous(), v.contiguous(), scale)
 
 
@@ -36,8 +35,10 @@ def _(q, k, v, scale):
 
 
 @torch.library.custom_op("fluxtrain::cudnn_attention_backward", mutates_args=(), device_types="cuda")
-def cudnn_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, seed: Tensor,
-                             offset: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+def cudnn_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                             scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    # no dropout: the RNG state is unused (zeros, as torch's forward makes it then)
+    seed = offset = torch.zeros(1, dtype=torch.long, device=q.device)
     dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
         grad.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), out, lse, seed, offset, None, None, None,
         q.shape[2], k.shape[2], 0.0, False, scale=scale)
@@ -45,20 +46,20 @@ def cudnn_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out:
 
 
 @cudnn_attention_backward.register_fake
-def _(grad, q, k, v, out, lse, seed, offset, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+def _(grad, q, k, v, out, lse, scale):
+    return tuple(torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))  # contiguous, like the op
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, scale = inputs
-    out, lse, seed, offset = output
-    ctx.save_for_backward(q, k, v, out, lse, seed, offset)
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
     ctx.scale = scale
 
 
 def _backward(ctx, grad, *_):
-    q, k, v, out, lse, seed, offset = ctx.saved_tensors
-    dq, dk, dv = cudnn_attention_backward(grad, q, k, v, out, lse, seed, offset, ctx.scale)
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = cudnn_attention_backward(grad, q, k, v, out, lse, ctx.scale)
     return dq, dk, dv, None
 
 
@@ -71,7 +72,7 @@ def _native_cudnn(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fa
     if attn_mask is not None or dropout_p or is_causal or enable_gqa or return_lse or _parallel_config is not None:
         raise NotImplementedError("fluxtrain's cuDNN attention takes no mask, dropout, causal mask, GQA, LSE or "
                                   "context parallelism: use model.attention_backend = flash")
-    q, k, v = (x.permute(0, 2, 1, 3) for x in (query, key, value))
+    q, k, v = (x.permute(0, 2, 1, 3).contiguous() for x in (query, key, value))  # saved for the backward as is
     out = cudnn_attention(q, k, v, scale if scale is not None else 1.0 / math.sqrt(q.shape[-1]))[0]
     return out.permute(0, 2, 1, 3)
 
