@@ -397,6 +397,8 @@ def validate(cfg: Config) -> None:
             why = "train.compile is false"
         elif t.itc_weight > 0:
             why = "train.itc_weight > 0 (its second forward would overwrite the graphs' outputs)"
+        elif t.grad_accum > 1:  # seen on an H200: "accessing tensor output of CUDAGraphs that has been overwritten"
+            why = "train.grad_accum > 1 (the next micro-batch's replay overwrites outputs the backward still needs)"
         elif p.mixed_precision != "fp32" or p.cpu_offload:
             why = "FSDP's hooks can't run inside a CUDA graph, and bf16 or CPU offload train under FSDP"
         if why:

@@ -1,8 +1,10 @@
 """Which SDPA kernel FLUX's attention runs, chosen from outside the model through diffusers' attention backends.
 
-`auto` pins flash on a GPU in bf16: cuDNN's backward failed on an H100 with torch 2.11 and crashed inside compiled
-blocks (bench/RESULTS.md), and torch's own choice may pick it. Flash and cuDNN need bf16 on CUDA; in fp32 (and on
-CPU) `auto` leaves the choice to torch. diffusers' cuDNN backend makes q/k/v contiguous first.
+`auto` picks cuDNN on a Hopper GPU in bf16 and flash on other GPUs. cuDNN runs as fluxtrain's opaque op
+(parallel/cudnn_attention.py): diffusers' own cuDNN route gave wrong gradients eagerly and NaN compiled (torch 2.11,
+H200), while the op matches flash's gradients and trains the 12B model 1.11× faster (bench/RESULTS.md, fifth
+session). It is unmeasured on other architectures, so they keep flash. Flash and cuDNN need bf16 on CUDA; in fp32 (and
+on CPU) `auto` leaves the choice to torch.
 """
 
 from __future__ import annotations
@@ -14,11 +16,16 @@ DIFFUSERS_BACKEND = {"flash": "_native_flash", "efficient": "_native_efficient",
 NEEDS_BF16_GPU = ("flash", "cudnn")
 
 
-def resolve_backend(name: str, device_type: str, mixed_precision: str) -> str:
-    """The backend `name` means here: one of DIFFUSERS_BACKEND's keys, or "native" (torch picks per call)."""
+def resolve_backend(name: str, device_type: str, mixed_precision: str, capability: tuple[int, int] | None = None) -> str:
+    """The backend `name` means here: one of DIFFUSERS_BACKEND's keys, or "native" (torch picks per call).
+    capability: the GPU's compute capability (default: the current CUDA device's)."""
     if name != "auto":
         return name
-    return "flash" if device_type == "cuda" and mixed_precision == "bf16" else "native"
+    if device_type != "cuda" or mixed_precision != "bf16":
+        return "native"
+    if capability is None:
+        capability = torch.cuda.get_device_capability()
+    return "cudnn" if capability[0] == 9 else "flash"  # Hopper (H100, H200): measured there
 
 
 def check_backend(name: str, device_type: str, mixed_precision: str) -> str | None:

@@ -6,7 +6,8 @@ kernels tensors whose layouts they mishandle. Here the forward and backward are 
 opaque kernels with contiguous tensors, the eager calling convention that was proven right.
 
 `install()` routes diffusers' `_native_cudnn` backend through these ops (the registry is process-wide; only models
-set to that backend use it).
+set to that backend use it). On CPU the same ops run torch's CPU flash kernel, which has the same (output,
+log-sum-exp) contract: the tests check the op's autograd, compile and checkpoint wiring there without a GPU.
 """
 
 from __future__ import annotations
@@ -18,12 +19,15 @@ from torch import Tensor
 
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    out, lse, *_ = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False,
-                                                                        scale=scale)
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, scale=scale)
+    else:
+        out, lse, *_ = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False,
+                                                                            scale=scale)
     return out.contiguous(), lse.contiguous()
 
 
-@torch.library.custom_op("fluxtrain::cudnn_attention", mutates_args=(), device_types="cuda")
+@torch.library.custom_op("fluxtrain::cudnn_attention", mutates_args=())
 def cudnn_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """q, k, v: (batch, heads, tokens, head_dim). Returns the output and its log-sum-exp (for the backward)."""
     return _forward(q.contiguous(), k.contiguous(), v.contiguous(), scale)
@@ -34,14 +38,18 @@ def _(q, k, v, scale):
     return _forward(q, k, v, scale)  # torch's meta kernel gives the shapes
 
 
-@torch.library.custom_op("fluxtrain::cudnn_attention_backward", mutates_args=(), device_types="cuda")
+@torch.library.custom_op("fluxtrain::cudnn_attention_backward", mutates_args=())
 def cudnn_attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                              scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    grad, q, k, v = (x.contiguous() for x in (grad, q, k, v))  # the layout the output has: cuDNN needs them equal
+    if q.device.type == "cpu":
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad, q, k, v, out, lse, 0.0, False, scale=scale)
+        return dq.contiguous(), dk.contiguous(), dv.contiguous()
     # no dropout: the RNG state is unused (zeros, as torch's forward makes it then)
     seed = offset = torch.zeros(1, dtype=torch.long, device=q.device)
     dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-        grad.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), out, lse, seed, offset, None, None, None,
-        q.shape[2], k.shape[2], 0.0, False, scale=scale)
+        grad, q, k, v, out, lse, seed, offset, None, None, None, q.shape[2], k.shape[2], 0.0, False, scale=scale)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 

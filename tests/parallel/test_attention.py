@@ -11,8 +11,10 @@ from fluxtrain.models.presets import transformer_kwargs
 from fluxtrain.parallel.attention import apply_attention_backend, resolve_backend
 
 
-def test_auto_pins_flash_on_a_gpu_in_bf16_only():
-    assert resolve_backend("auto", "cuda", "bf16") == "flash"
+def test_auto_picks_cudnn_on_hopper_flash_on_other_gpus_in_bf16_only():
+    assert resolve_backend("auto", "cuda", "bf16", (9, 0)) == "cudnn"
+    assert resolve_backend("auto", "cuda", "bf16", (8, 0)) == "flash"
+    assert resolve_backend("auto", "cuda", "bf16", (10, 0)) == "flash"
     assert resolve_backend("auto", "cuda", "fp32") == "native"  # flash has no fp32 kernel
     assert resolve_backend("auto", "cpu", "bf16") == "native"
     assert resolve_backend("cudnn", "cuda", "bf16") == "cudnn"

@@ -14,6 +14,7 @@ from tests.helpers import FAST, ROOT, env
 @pytest.mark.parametrize("over, why", [
     ([], "train.compile is false"),
     (["--train.compile", "true", "--train.itc_weight", "0.1"], "train.itc_weight > 0"),
+    (["--train.compile", "true", "--train.grad_accum", "2"], "train.grad_accum > 1"),
     (["--train.compile", "true", "--parallel.mixed_precision", "bf16"], "FSDP's hooks"),
     (["--train.compile", "true", "--parallel.mixed_precision", "fp32", "--parallel.cpu_offload", "true"],
      "FSDP's hooks"),
