@@ -1,15 +1,17 @@
 """`fluxtrain plan`: predicted per-GPU peak memory of a config, and the fastest config that fits.
 
-The model: training states by strategy and offload (fp32 params, fp32 grads, AdamW m and v = 16 B/param, divided by
-the shard group), FSDP's unsharded block buffers (bf16 params of the running block plus prefetched ones, their fp32
-gradients before reduce-scatter), activations per sample proportional to layers × tokens × width with a
-bytes-per-element factor per AC mode (calibrated from the 12B runs in bench/RESULTS.md), the frozen encoders when
-they run online, and a fixed allocator/NCCL overhead.
+The model: what stays resident (fp32 params and AdamW m and v, 12 B/param, divided by the shard group), FSDP's
+unsharded block buffers (bf16 params of the running block plus prefetched ones), the frozen encoders when they run
+online, a fixed allocator/NCCL overhead, and the larger of two things that trade places during the backward: the saved
+activations (all alive when the backward starts, freed block by block) and the sharded fp32 gradients (none when it
+starts, all at its end). With gradient accumulation the gradients live through the next micro-batch's forward, so
+the two add. Activations per sample are proportional to layers × tokens × width, with a bytes-per-element factor per
+AC mode calibrated from the 12B runs in bench/RESULTS.md.
 
-LoRA (`lora.enabled`): the frozen base in `lora.base_dtype` sharded, the adapters' fp32 params, grads and AdamW
-states sharded (16 B/param), and, without AC only, one full unsharded bf16 copy of the base resident at the peak on
-every GPU: measured with per-block compile on 1 and 2 × H200 (50.0 and 38.8 GiB; which
-tensors hold it is not isolated yet); with full AC the 1-GPU peak is 25.7 GiB, no copy (bench/RESULTS.md).
+LoRA (`lora.enabled`): the frozen base in `lora.base_dtype` sharded, the adapters' fp32 params and AdamW states
+sharded, their gradients as above. The same activation factors fit LoRA's measured peaks (50.0 GiB on 1 GPU and
+38.8 GiB on 2 GPUs without AC): what looked like an extra bf16 copy of the base was the no-AC activations, 27.8 GiB
+per 1024² sample in full fine-tuning and in LoRA alike.
 
 CPU offload: the states live on the host; the GPU holds the live blocks' fp32 shards copied in for the all-gather and
 the running block's sharded fp32 gradient on its way out (calibrated on the one measured row: 4.0 GiB, 2 × H200).
@@ -25,14 +27,16 @@ from fluxtrain.models.presets import transformer_kwargs
 
 GIB = 2**30
 # Activation bytes per (sample · layer · token · hidden unit), bf16, measured on flux-dev 1024² (2 × H200):
-# (peak − states − overhead) / (batch · 57 · 4608 · 3072). Keys: (AC mode, compiled).
+# (peak − resident − buffers − overhead) / (batch · 57 · 4608 · 3072), from rows where the activations outweigh the
+# gradients. Keys: (AC mode, compiled).
 ACT_BYTES = {
-    ("none", False): 40.3,
-    ("none", True): 7.5,
-    ("every2", False): 30.6,
-    ("every2", True): 5.0,
-    ("ops", True): 7.0,
-    ("ops", False): 14.0,  # not measured: assumed twice the compiled figure, as for the other modes' ratio floor
+    ("none", False): 69.8,
+    ("none", True): 37.0,  # full fine-tune 37.4 / 36.7 (LoRA's two rows, predicted with it: +4.4% / +5.1%)
+    ("every2", False): 60.1,
+    ("every2", True): 19.8,
+    ("ops", True): 20.9,  # batch 2 and 3 alike
+    ("ops", False): 41.8,  # not measured: assumed twice the compiled figure, like no AC's ratio
+    # Full AC keeps only block inputs: its rows are gradient-bound, so these come from the offload and LoRA rows.
     ("full", False): 1.08,
     ("full", True): 0.93,
 }
@@ -45,15 +49,19 @@ ENCODER_PARAMS = {"flux-dev": 4.76e9 + 0.123e9 + 0.084e9, "flux-schnell": 4.76e9
 
 @dataclass
 class Plan:
-    states_gib: float
+    states_gib: float  # resident all step: parameters and optimizer states
+    grads_gib: float
     buffers_gib: float
     activations_gib: float
     encoders_gib: float
     overhead_gib: float
+    accumulates: bool = False  # gradients kept across micro-batches
 
     @property
     def total_gib(self) -> float:
-        return self.states_gib + self.buffers_gib + self.activations_gib + self.encoders_gib + self.overhead_gib
+        backward = (self.activations_gib + self.grads_gib if self.accumulates
+                    else max(self.activations_gib, self.grads_gib))
+        return self.states_gib + self.buffers_gib + backward + self.encoders_gib + self.overhead_gib
 
 
 def ac_key(cfg: C.Config) -> str:
@@ -72,7 +80,7 @@ def predict(cfg: C.Config, gpus: int, kw: dict | None = None) -> Plan:
     block = max(sum(p.numel() for p in b.parameters()) for b in list(m.transformer_blocks) + list(m.single_transformer_blocks))
     p = cfg.parallel
     shard = {"NO_SHARD": 1, "HYBRID_SHARD": p.shard_size or min(gpus, 8)}.get(p.strategy, gpus)
-    states = 0.0 if p.cpu_offload else 16 * n / shard
+    states, grads = 12 * n / shard, 4 * n / shard
     lc = cfg.lora
     if lc.enabled:
         from fluxtrain import lora
@@ -80,9 +88,9 @@ def predict(cfg: C.Config, gpus: int, kw: dict | None = None) -> Plan:
         lora.apply_lora(m, lc.rank, lc.alpha, 0.0, lc.targets or lora.DEFAULT_TARGETS, lc.init, None)
         adapters = sum(q.numel() for q in m.parameters()) - n
         base_bytes = 2 if lc.base_dtype == "bf16" else 4
-        states = (0.0 if p.cpu_offload else (base_bytes * n + 16 * adapters) / shard)
-        if ac_key(cfg) == "none":
-            states += 2 * n
+        states, grads = (base_bytes * n + 12 * adapters) / shard, 4 * adapters / shard
+    if p.cpu_offload:
+        states = grads = 0.0
     pbytes = 2 if p.mixed_precision == "bf16" else 4
     live_blocks = 1 + max(p.forward_prefetch, p.backward_prefetch)
     buffers = block * pbytes * live_blocks  # gathered params of the running and the prefetched block
@@ -97,7 +105,7 @@ def predict(cfg: C.Config, gpus: int, kw: dict | None = None) -> Plan:
     key = (ac_key(cfg), cfg.train.compile)
     act = cfg.train.batch_size * layers * tokens * d * ACT_BYTES[key] * (2 if pbytes == 4 else 1)
     enc = 0.0 if cfg.data.source == "cache" else ENCODER_PARAMS.get(cfg.model.preset, 0) * 2
-    return Plan(states / GIB, buffers / GIB, act / GIB, enc / GIB, OVERHEAD_GIB)
+    return Plan(states / GIB, grads / GIB, buffers / GIB, act / GIB, enc / GIB, OVERHEAD_GIB, cfg.train.grad_accum > 1)
 
 
 def _with(cfg: C.Config, **over) -> C.Config:
@@ -133,8 +141,9 @@ def main(argv: list[str]) -> int:
     plan = predict(cfg, a.gpus)
     print(f"{cfg.model.preset}, {a.gpus} GPUs × {a.gpu_mem_gib:g} GiB, {cfg.parallel.strategy}, AC "
           f"{ac_key(cfg)}, compile {cfg.train.compile}, batch {cfg.train.batch_size}/GPU at {cfg.data.resolution}²")
-    for k in ("states_gib", "buffers_gib", "activations_gib", "encoders_gib", "overhead_gib"):
+    for k in ("states_gib", "grads_gib", "buffers_gib", "activations_gib", "encoders_gib", "overhead_gib"):
         print(f"  {k[:-4]:<12} {getattr(plan, k):8.1f} GiB")
+    print(f"  (the peak counts {'activations + gradients: grad_accum keeps gradients across micro-batches' if plan.accumulates else 'the larger of activations and gradients: the backward frees one as it makes the other'})")
     fits = plan.total_gib <= a.gpu_mem_gib
     print(f"  {'total':<12} {plan.total_gib:8.1f} GiB per GPU — {'fits' if fits else 'does NOT fit'}")
     rec = recommend(cfg, a.gpus, a.gpu_mem_gib)

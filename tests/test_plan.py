@@ -45,11 +45,28 @@ def test_lora_prediction_within_10_percent_of_measured(gpus, ac, compiled, measu
 
 def test_states_follow_the_arithmetic():
     cfg = C.load(None, BASE)
-    # 16 bytes per parameter over the shard group
-    assert predict(cfg, 2).states_gib == pytest.approx(16 * 11_901_408_320 / 2 / 2**30)
-    assert predict(cfg, 8).states_gib == pytest.approx(16 * 11_901_408_320 / 8 / 2**30)
+    # 12 bytes per parameter resident (fp32 params, AdamW m and v) and 4 of gradients, over the shard group
+    n = 11_901_408_320
+    assert predict(cfg, 2).states_gib == pytest.approx(12 * n / 2 / 2**30)
+    assert predict(cfg, 8).states_gib == pytest.approx(12 * n / 8 / 2**30)
+    assert predict(cfg, 8).grads_gib == pytest.approx(4 * n / 8 / 2**30)
     no = C.load(None, BASE + ["--parallel.strategy", "NO_SHARD"])
-    assert predict(no, 8).states_gib == pytest.approx(16 * 11_901_408_320 / 2**30)
+    assert predict(no, 8).states_gib == pytest.approx(12 * n / 2**30)
+
+
+def test_the_backward_trades_activations_for_gradients_unless_accumulating():
+    full = C.load(None, BASE + ["--parallel.activation_checkpointing", "full", "--train.compile", "true"])
+    p = predict(full, 2)
+    assert p.activations_gib < p.grads_gib  # full AC: gradient-bound
+    assert p.total_gib == pytest.approx(p.states_gib + p.buffers_gib + p.grads_gib + p.overhead_gib)
+    acc = predict(C.load(None, BASE + ["--parallel.activation_checkpointing", "full", "--train.compile", "true",
+                                       "--train.grad_accum", "4"]), 2)
+    assert acc.total_gib == pytest.approx(p.total_gib + p.activations_gib)
+    ops = C.load(None, BASE + ["--parallel.activation_checkpointing", "selective", "--parallel.ac_ops", "true",
+                               "--train.compile", "true", "--train.batch_size", "2"])
+    q = predict(ops, 2)
+    assert q.activations_gib > q.grads_gib  # op-SAC at batch 2: activation-bound
+    assert q.total_gib == pytest.approx(q.states_gib + q.buffers_gib + q.activations_gib + q.overhead_gib)
 
 
 def test_recommendations():
