@@ -36,7 +36,8 @@ ACT_BYTES = {
     ("every2", True): 19.8,
     ("ops", True): 20.9,  # batch 2 and 3 alike
     ("ops", False): 41.8,  # not measured: assumed twice the compiled figure, like no AC's ratio
-    # Full AC keeps only block inputs: its rows are gradient-bound, so these come from the offload and LoRA rows.
+    # Full AC keeps only block inputs: its 12B rows are gradient-bound, so they can't fix these two; the earlier fit's
+    # values predict the rows where they count (offload, LoRA full AC) within 3%.
     ("full", False): 1.08,
     ("full", True): 0.93,
 }
@@ -143,7 +144,9 @@ def main(argv: list[str]) -> int:
           f"{ac_key(cfg)}, compile {cfg.train.compile}, batch {cfg.train.batch_size}/GPU at {cfg.data.resolution}²")
     for k in ("states_gib", "grads_gib", "buffers_gib", "activations_gib", "encoders_gib", "overhead_gib"):
         print(f"  {k[:-4]:<12} {getattr(plan, k):8.1f} GiB")
-    print(f"  (the peak counts {'activations + gradients: grad_accum keeps gradients across micro-batches' if plan.accumulates else 'the larger of activations and gradients: the backward frees one as it makes the other'})")
+    print("  (the peak counts " + ("activations + gradients: grad_accum keeps gradients across micro-batches)"
+                                   if plan.accumulates else
+                                   "the larger of activations and gradients: the backward frees one as it makes the other)"))
     fits = plan.total_gib <= a.gpu_mem_gib
     print(f"  {'total':<12} {plan.total_gib:8.1f} GiB per GPU — {'fits' if fits else 'does NOT fit'}")
     rec = recommend(cfg, a.gpus, a.gpu_mem_gib)

@@ -1,9 +1,11 @@
 """cuDNN attention as one op that torch.compile does not look into.
 
-torch's cuDNN SDPA is correct and ~1.8× flash at FLUX's shape when called eagerly (bench/attn_check.py), but inside
-compiled 12B training it crashed (illegal memory access) or trained on NaN (bench/RESULTS.md): inductor hands the
-kernels tensors whose layouts they mishandle. Here the forward and backward are custom ops: inductor calls them as
-opaque kernels with contiguous tensors, the eager calling convention that was proven right.
+torch's cuDNN SDPA kernel is ~1.8× flash at FLUX's shape and correct with q, k, v, output and output gradient all in
+one layout (bench/attn_check.py). The routes into it through SDPA broke: diffusers' `_native_cudnn` hands the backward
+an output gradient in another layout than the output. With torch 2.11 its gradients were wrong eagerly (relative
+error 3×10⁴) and NaN compiled. Forcing the kernel on diffusers' non-contiguous q/k/v crashed when compiled (illegal
+memory access). bench/RESULTS.md has both. Here the forward and backward are custom ops that inductor calls as opaque
+kernels, and every tensor they pass to cuDNN is contiguous in one layout.
 
 `install()` routes diffusers' `_native_cudnn` backend through these ops (the registry is process-wide; only models
 set to that backend use it). On CPU the same ops run torch's CPU flash kernel, which has the same (output,
