@@ -53,6 +53,31 @@ def variant_config(base: list[str], spec: dict) -> C.Config:
     return C.load(None, ov)
 
 
+def profile_steps(D, args, train_step, sync, spec: dict) -> dict | None:
+    """Three more steps, the last two under torch.profiler on rank 0 (the first warms the profiler up; the other ranks
+    step alongside): the trace goes to --profile, and `fluxtrain trace`'s summary (GPU busy, kernel time by kind,
+    exposed communication) into the row."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    from fluxtrain.trace_summary import load, summarize
+
+    if not D.is_main:
+        for _ in range(3):
+            train_step()
+            sync()
+        return None
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if D.device.type == "cuda" else [])
+    with profile(activities=acts, schedule=schedule(wait=0, warmup=1, active=2, repeat=1)) as prof:
+        for _ in range(3):
+            train_step()
+            sync()
+            prof.step()
+    path = Path(args.profile) / f"trace-{'_'.join(f'{k}{v}' for k, v in spec.items()) or 'default'}.json.gz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(path))
+    return summarize(load(path))
+
+
 def run_variant(D, args, spec: dict) -> dict:
     cfg = variant_config(args.base, {"attn": args.attn, **spec})
     cuda = D.device.type == "cuda"
@@ -74,10 +99,7 @@ def run_variant(D, args, spec: dict) -> dict:
     noise = torch.randn_like(x0)
     seq = torch.randn(b, txt_tok, kw["joint_attention_dim"], device=D.device, generator=g)
     pooled = torch.randn(b, kw["pooled_projection_dim"], device=D.device, generator=g)
-    times, losses = [], []
-    for i in range(args.warmup + args.steps):
-        sync()
-        t0 = time.perf_counter()
+    def train_step() -> torch.Tensor:
         sigma = torch.rand(b, device=D.device, generator=g)
         x_t = flow.noisy_input(x0, noise, sigma)
         pred = model(**flow.transformer_inputs(x_t, sigma, seq, pooled, lat, lat, 1.0))[0]
@@ -87,10 +109,18 @@ def run_variant(D, args, spec: dict) -> dict:
         opt.step()
         after_optimizer_step(model, cfg)
         opt.zero_grad(set_to_none=True)
+        return loss
+
+    times, losses = [], []
+    for i in range(args.warmup + args.steps):
+        sync()
+        t0 = time.perf_counter()
+        loss = train_step()
         sync()
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
             losses.append(float(loss.detach()))
+    profile = profile_steps(D, args, train_step, sync, spec) if args.profile else None
     step = statistics.median(times)
     steady_gib = torch.cuda.memory_allocated() / 2**30 if cuda else 0.0
     t = torch.tensor([step], device=D.device)
@@ -105,6 +135,8 @@ def run_variant(D, args, spec: dict) -> dict:
     row = dict(variant=",".join(f"{k}={v}" for k, v in spec.items()) or "default", gpus=D.world_size, batch=b,
                step_s=step, samples_s_gpu=b / step, tflops_gpu=tflops, mfu=tflops / pk, peak_gib=float(peak),
                reserved_gib=reserved, init_s=init_s, init_gib=init_gib, steady_gib=steady_gib, loss_first=losses[0], loss_last=losses[-1])
+    if profile:
+        row["profile"] = profile
     del model, opt, x0, noise, seq, pooled
     # Compiled graphs keep the variant's model alive (22 GiB of sharded 12B weights per GPU were still resident in
     # the next variant): drop them, so each row's peak is its own.
@@ -128,6 +160,8 @@ def main() -> int:
     ap.add_argument("--variants", nargs="+", default=["ac=full"])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", default=None, help="append the markdown rows here (default: print only)")
+    ap.add_argument("--profile", default=None, help="profile 2 extra steps per variant: traces to this folder, "
+                                                     "their summary into the row")
     args = ap.parse_args()
     args.base = ["--model.preset", args.preset, "--data.resolution", str(args.resolution),
                  "--train.batch_size", str(args.batch), "--model.max_text_tokens", str(args.text_tokens),

@@ -155,6 +155,7 @@ COMMANDS.update({
     "cache": _lazy("fluxtrain.data.cache"),
     "plan": _lazy("fluxtrain.plan"),
     "report": _lazy("fluxtrain.report"),
+    "trace": _lazy("fluxtrain.trace_summary"),
 })
 
 

@@ -1,0 +1,124 @@
+"""`fluxtrain trace TRACE.json.gz`: where profiled steps' time went, from a torch.profiler Chrome trace (written by
+`log.profile_steps`, or by `bench/train_step.py --profile`).
+
+Over the profiled steps (the `ProfilerStep#N` spans): wall time, GPU busy time (the union of kernel, copy and memset
+intervals over all streams), kernel time by kind, and the communication time that no other kernel overlaps
+(exposed: the GPU waited for it). Kinds go by kernel name, first match wins; cuDNN's attention kernels carry "sdpa"
+or "flash" in their names, inductor's matmul templates "triton_tem".
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import sys
+from pathlib import Path
+
+KINDS = [
+    ("communication", ("nccl",)),
+    ("attention", ("flash", "fmha", "sdpa", "attn", "attention")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "triton_tem", "matmul", "wgmma")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("fused elementwise", ("triton",)),
+]
+GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+def kind(name: str, cat: str) -> str:
+    if cat != "kernel":
+        return "copies"
+    low = name.lower()
+    return next((k for k, needles in KINDS if any(n in low for n in needles)), "other")
+
+
+def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    out: list[list[float]] = []
+    for a, b in sorted(intervals):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return [(a, b) for a, b in out]
+
+
+def _length(intervals) -> float:
+    return sum(b - a for a, b in intervals)
+
+
+def _minus(intervals, cover) -> float:
+    """Length of the union of `intervals` not covered by the union `cover` (both sorted, disjoint)."""
+    total, j = 0.0, 0
+    for a, b in intervals:
+        while j < len(cover) and cover[j][1] <= a:
+            j += 1
+        covered, k = 0.0, j
+        while k < len(cover) and cover[k][0] < b:
+            covered += min(b, cover[k][1]) - max(a, cover[k][0])
+            k += 1
+        total += (b - a) - covered
+    return total
+
+
+def summarize(events: list[dict]) -> dict:
+    """Totals in milliseconds over the trace's profiled steps, and per step."""
+    spans = [e for e in events if e.get("ph") == "X" and str(e.get("name", "")).startswith("ProfilerStep#")
+             and e.get("cat") in ("user_annotation", "cpu_op", None)]
+    gpu = [e for e in events if e.get("ph") == "X" and e.get("cat") in GPU_CATS]
+    if not spans and not gpu:
+        raise ValueError("no ProfilerStep spans and no GPU kernels in this trace: is it a torch.profiler trace?")
+    intervals = [(float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0))) for e in gpu]
+    if spans:
+        wall = sum(float(e.get("dur", 0)) for e in spans)
+    else:
+        wall = max(b for _, b in intervals) - min(a for a, _ in intervals)
+    busy = _union(intervals)
+    by_kind: dict[str, float] = {}
+    for e in gpu:
+        k = kind(str(e.get("name", "")), e["cat"])
+        by_kind[k] = by_kind.get(k, 0.0) + float(e.get("dur", 0))
+    comm = _union([iv for iv, e in zip(intervals, gpu) if kind(str(e.get("name", "")), e["cat"]) == "communication"])
+    rest = _union([iv for iv, e in zip(intervals, gpu) if kind(str(e.get("name", "")), e["cat"]) != "communication"])
+    steps = max(1, len(spans))
+    ms = 1e-3 / steps  # trace times are microseconds
+    return dict(steps=len(spans), wall_ms=wall * ms, gpu_busy_ms=_length(busy) * ms,
+                gpu_idle_ms=max(0.0, wall - _length(busy)) * ms,
+                kernels_ms={k: v * ms for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+                exposed_communication_ms=_minus(comm, rest) * ms, gpu_kernels=len(gpu))
+
+
+def load(path: str | Path) -> list[dict]:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"no trace at {p}: profile with log.profile_steps = [a, b] (run_dir/profile/)")
+    opener = gzip.open if p.suffix == ".gz" else open
+    with opener(p, "rt") as f:
+        data = json.load(f)
+    return data["traceEvents"] if isinstance(data, dict) else data
+
+
+def format_summary(s: dict) -> str:
+    per = "per step" if s["steps"] else "whole trace"
+    lines = [f"{s['steps']} profiled steps, {s['gpu_kernels']} GPU kernels; milliseconds {per}:",
+             f"  wall                     {s['wall_ms']:10.2f}"]
+    if not s["gpu_kernels"]:
+        return "\n".join(lines + ["  no GPU kernels in this trace (profiled on a CPU)"])
+    lines += [f"  GPU busy                 {s['gpu_busy_ms']:10.2f}  ({100 * s['gpu_busy_ms'] / s['wall_ms']:.0f}%)",
+              f"  GPU idle                 {s['gpu_idle_ms']:10.2f}"]
+    lines += [f"    {k:<22} {v:10.2f}" for k, v in s["kernels_ms"].items()]
+    lines.append(f"  exposed communication    {s['exposed_communication_ms']:10.2f}  (no other kernel overlapped it)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="fluxtrain trace", description=__doc__.split("\n\n")[0])
+    ap.add_argument("trace")
+    ap.add_argument("--json", action="store_true", help="print the summary as JSON")
+    a = ap.parse_args(argv)
+    try:
+        s = summarize(load(a.trace))
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as err:
+        print(f"fluxtrain: error: {a.trace}: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(s) if a.json else format_summary(s))
+    return 0
