@@ -105,7 +105,7 @@ def run_variant(D, args, spec: dict) -> dict:
         pred = model(**flow.transformer_inputs(x_t, sigma, seq, pooled, lat, lat, 1.0))[0]
         loss = flow.flow_loss(pred, flow.target(x0, noise), sigma)
         loss.backward()
-        clip_grad_norm(model, 1.0)
+        clip_grad_norm(model, 1.0, opt)
         opt.step()
         after_optimizer_step(model, cfg)
         opt.zero_grad(set_to_none=True)

@@ -142,7 +142,7 @@ def data_counts(data, cfg: C.Config) -> dict[str, int]:
 
 def clip_and_step(model, opt, sched, max_norm: float, cfg: C.Config, ema=None, step: int = 0) -> tuple[float, bool]:
     """Clip over the sharded gradients; skip the step (on every rank alike: the norm is global) if non-finite."""
-    norm = clip_grad_norm(model, max_norm)
+    norm = clip_grad_norm(model, max_norm, opt)
     ok = math.isfinite(norm)
     if ok:
         opt.step()
@@ -154,15 +154,23 @@ def clip_and_step(model, opt, sched, max_norm: float, cfg: C.Config, ema=None, s
     return norm, ok
 
 
-def clip_grad_norm(model, max_norm: float) -> float:
-    """Global grad norm with one reduction (DTensor partial norms made full once), then an in-place foreach clip."""
+def clip_grad_norm(model, max_norm: float, opt: torch.optim.Optimizer | None = None) -> float:
+    """Global grad norm with one reduction (DTensor partial norms made full once), then the clip. Given a fused
+    optimizer, the clip coefficient goes into its next step (`grad_scale`: each gradient is divided by it inside the
+    kernel) instead of an extra read and write of every gradient. The optimizer pass was 10% of the 12B step."""
     params = [p for p in model.parameters() if p.grad is not None]
     grads = [p.grad for p in params]
     total = torch.nn.utils.get_total_norm(grads, foreach=True)
     if hasattr(total, "full_tensor"):
         total = total.full_tensor()
+    fold = opt is not None and bool(opt.defaults.get("fused"))
+    if fold:
+        opt.grad_scale = None
     if max_norm > 0 and math.isfinite(float(total)):
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
+        if fold:  # torch.nn.utils.clip_grads_with_norm_'s coefficient, min(1, max_norm / (total + 1e-6)), inverted
+            opt.grad_scale = torch.clamp((total.detach().float() + 1e-6) / max_norm, min=1.0)
+        else:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
     return float(total)
 
 

@@ -30,6 +30,9 @@ def world2(tmp_path_factory):
         "accum": ["--train.grad_accum", "2", "--train.batch_size", "1"],
         "bf16": ["--parallel.mixed_precision", "bf16"],
         "nan": ["--train.inject_nan_at_step", "3", "--train.inject_nan_rank", "1"],
+        # a clip that acts every step: fused AdamW takes the coefficient as grad_scale, foreach AdamW clips the grads
+        "clip_fused": ["--optim.grad_clip", "0.05"],
+        "clip_foreach": ["--optim.grad_clip", "0.05", "--optim.fused", "false"],
     })
     return out
 
@@ -52,6 +55,12 @@ def test_gradient_accumulation_matches_the_full_batch(world2):
 def test_bf16_tracks_fp32(world2):
     # bf16 compute with fp32 master weights and reduction: within 3% per step on the tiny default
     assert_close(losses(world2 / "bf16"), losses(world2 / "full"), 3e-2, "bf16")
+
+
+def test_clip_folded_into_the_fused_optimizer_equals_clipping_the_gradients(world2):
+    assert_close(losses(world2 / "clip_fused"), losses(world2 / "clip_foreach"), EXACT, "clip")
+    assert max(abs(a - b) for a, b in zip(losses(world2 / "clip_fused").values(),
+                                          losses(world2 / "full").values())) > 1e-4  # the clip acted
 
 
 def test_losses_fall(world2):
