@@ -60,8 +60,10 @@ def _minus(intervals, cover) -> float:
     return total
 
 
-def summarize(events: list[dict]) -> dict:
-    """Totals in milliseconds over the trace's profiled steps, and per step."""
+def summarize(events: list[dict], top: int = 12) -> dict:
+    """Milliseconds per profiled step; `top_kernels`: the `top` kernel names by total time (name, kind, launches,
+    ms), which tells apart what one kind holds (e.g. the optimizer's multi-tensor kernels from FSDP's foreach
+    copies)."""
     spans = [e for e in events if e.get("ph") == "X" and str(e.get("name", "")).startswith("ProfilerStep#")
              and e.get("cat") in ("user_annotation", "cpu_op", None)]
     gpu = [e for e in events if e.get("ph") == "X" and e.get("cat") in GPU_CATS]
@@ -81,10 +83,18 @@ def summarize(events: list[dict]) -> dict:
     rest = _union([iv for iv, e in zip(intervals, gpu) if kind(str(e.get("name", "")), e["cat"]) != "communication"])
     steps = max(1, len(spans))
     ms = 1e-3 / steps  # trace times are microseconds
+    per_name: dict[str, list] = {}
+    for e in gpu:
+        name = str(e.get("name", ""))
+        row = per_name.setdefault(name, [kind(name, e["cat"]), 0, 0.0])
+        row[1] += 1
+        row[2] += float(e.get("dur", 0))
+    ranked = sorted(per_name.items(), key=lambda kv: -kv[1][2])[:top]
     return dict(steps=len(spans), wall_ms=wall * ms, gpu_busy_ms=_length(busy) * ms,
                 gpu_idle_ms=max(0.0, wall - _length(busy)) * ms,
                 kernels_ms={k: v * ms for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
-                exposed_communication_ms=_minus(comm, rest) * ms, gpu_kernels=len(gpu))
+                exposed_communication_ms=_minus(comm, rest) * ms, gpu_kernels=len(gpu),
+                top_kernels=[(n[:120], k, c / steps, t * ms) for n, (k, c, t) in ranked])
 
 
 def load(path: str | Path) -> list[dict]:
@@ -107,6 +117,8 @@ def format_summary(s: dict) -> str:
               f"  GPU idle                 {s['gpu_idle_ms']:10.2f}"]
     lines += [f"    {k:<22} {v:10.2f}" for k, v in s["kernels_ms"].items()]
     lines.append(f"  exposed communication    {s['exposed_communication_ms']:10.2f}  (no other kernel overlapped it)")
+    lines.append("  top kernels (ms, launches per step, kind, name):")
+    lines += [f"    {t:10.2f} {c:7.0f}  {k:<18} {n[:90]}" for n, k, c, t in s["top_kernels"]]
     return "\n".join(lines)
 
 
@@ -114,9 +126,10 @@ def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="fluxtrain trace", description=__doc__.split("\n\n")[0])
     ap.add_argument("trace")
     ap.add_argument("--json", action="store_true", help="print the summary as JSON")
+    ap.add_argument("--top", type=int, default=12, help="how many kernels to list by total time")
     a = ap.parse_args(argv)
     try:
-        s = summarize(load(a.trace))
+        s = summarize(load(a.trace), a.top)
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as err:
         print(f"fluxtrain: error: {a.trace}: {err}", file=sys.stderr)
         return 2

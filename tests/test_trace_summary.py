@@ -38,6 +38,10 @@ def test_synthetic_trace_adds_up():
     assert s["kernels_ms"] == pytest.approx({"matmul": 0.040, "communication": 0.030, "fused elementwise": 0.010,
                                              "copies": 0.005})
     assert s["exposed_communication_ms"] == pytest.approx(0.020)  # 40–60: nothing else ran
+    top = s["top_kernels"]
+    assert [(k, c) for _, k, c, _ in top] == [("matmul", 1), ("communication", 1), ("fused elementwise", 1),
+                                              ("copies", 1)]  # per step, longest first
+    assert top[0][0].startswith("sm90_xmma_gemm") and top[0][3] == pytest.approx(0.040)
 
 
 @pytest.mark.parametrize("name, want", [
