@@ -99,6 +99,7 @@ def run_variant(D, args, spec: dict) -> dict:
     noise = torch.randn_like(x0)
     seq = torch.randn(b, txt_tok, kw["joint_attention_dim"], device=D.device, generator=g)
     pooled = torch.randn(b, kw["pooled_projection_dim"], device=D.device, generator=g)
+
     def train_step() -> torch.Tensor:
         sigma = torch.rand(b, device=D.device, generator=g)
         x_t = flow.noisy_input(x0, noise, sigma)
