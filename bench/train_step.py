@@ -34,7 +34,7 @@ from fluxtrain import flow  # noqa: E402
 from fluxtrain.metrics import flux_flops_per_sample, peak_tflops  # noqa: E402
 from fluxtrain.models.setup import build_training_model, model_kwargs  # noqa: E402
 from fluxtrain.optim import build_optimizer  # noqa: E402
-from fluxtrain.parallel import after_optimizer_step  # noqa: E402
+from fluxtrain.parallel import after_optimizer_step, set_cpu_threads  # noqa: E402
 from fluxtrain.train import clip_grad_norm  # noqa: E402
 from fluxtrain.parallel import mesh as pmesh  # noqa: E402
 
@@ -80,6 +80,7 @@ def profile_steps(D, args, train_step, sync, spec: dict) -> dict | None:
 
 def run_variant(D, args, spec: dict) -> dict:
     cfg = variant_config(args.base, {"attn": args.attn, **spec})
+    set_cpu_threads(cfg)  # the offloaded optimizer's threads, as the trainer sets them
     cuda = D.device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     if cuda:

@@ -110,6 +110,10 @@ class ParallelConfig:
     ac_every: int = 2
     ac_ops: bool = False
     cpu_offload: bool = False
+    # intra-op threads for this rank's CPU work. 0 = auto: with cpu_offload (the optimizer step runs on the CPU),
+    # the cores this rank may use ÷ the ranks on its node, since torchrun sets OMP_NUM_THREADS=1 and the offloaded
+    # AdamW over billions of parameters then runs on one core; without offload, torch's default.
+    cpu_threads: int = 0
     fp8: bool = False  # torchao Float8Linear on the block linears, fp8 all-gather (GPU only)
     # HYBRID_SHARD: ranks per shard group (default 0 = GPUs per node, LOCAL_WORLD_SIZE).
     shard_size: int = 0
@@ -364,6 +368,8 @@ def validate(cfg: Config) -> None:
     for k, v in positive.items():
         if v < 1:
             raise ConfigError(f"{k} must be ≥ 1 (got {v})")
+    if p.cpu_threads < 0:
+        raise ConfigError(f"parallel.cpu_threads must be ≥ 0 (0 = auto), got {p.cpu_threads}")
     if d.resolution % 16:
         raise ConfigError(f"data.resolution must be a multiple of 16 (VAE ×8 and 2×2 packing), got {d.resolution}")
     for name, v in (("data.complex_frac", d.complex_frac), ("data.caption_dropout", d.caption_dropout),

@@ -18,7 +18,7 @@ from fluxtrain.data.loader import build_loader
 from fluxtrain.metrics import MetricsWriter, Throughput, flux_flops_per_sample, memory_stats, setup_logging
 from fluxtrain.models.setup import build_training_model, encoders_folder, model_kwargs
 from fluxtrain.optim import build_optimizer, build_scheduler
-from fluxtrain.parallel import after_optimizer_step, set_matmul_precision, wants_fsdp
+from fluxtrain.parallel import after_optimizer_step, set_cpu_threads, set_matmul_precision, wants_fsdp
 from fluxtrain.parallel import mesh as pmesh
 from fluxtrain.parallel.attention import resolve_backend
 from fluxtrain.profiler import StepProfiler
@@ -204,9 +204,11 @@ def _train(cfg: C.Config, D: pmesh.Dist, run_dir: Path, log) -> dict:
     torch.manual_seed(tc.seed)
     sharding = cfg.parallel.strategy if wants_fsdp(D.mesh, cfg) else "unsharded (one process, fp32: no FSDP)"
     set_matmul_precision(D.device, cfg.parallel.tf32)
+    threads = set_cpu_threads(cfg)
     tf32 = " (TF32 matmuls)" if D.device.type == "cuda" and cfg.parallel.tf32 else ""
     log.info(f"world {D.world_size} on {D.device}, {sharding}, {cfg.parallel.mixed_precision}{tf32}, "
-             f"AC {cfg.parallel.activation_checkpointing}, offload {cfg.parallel.cpu_offload}, attention "
+             f"AC {cfg.parallel.activation_checkpointing}, offload {cfg.parallel.cpu_offload} "
+             f"({threads} CPU threads), attention "
              f"{resolve_backend(cfg.model.attention_backend, D.device.type, cfg.parallel.mixed_precision)}")
     model = build_training_model(cfg, D.mesh, D.device)
     opt = build_optimizer(model.parameters(), cfg.optim)

@@ -37,6 +37,25 @@ def parallelize(model: torch.nn.Module, mesh, cfg: Config) -> torch.nn.Module:
     return model
 
 
+def cpu_threads(p, local_world_size: int, cores: int) -> int | None:
+    """Intra-op threads for this rank (None: leave torch's setting)."""
+    if p.cpu_threads > 0:
+        return p.cpu_threads
+    if p.cpu_offload:
+        return max(1, cores // max(1, local_world_size))
+    return None
+
+
+def set_cpu_threads(cfg: Config) -> int:
+    """Apply parallel.cpu_threads; returns the thread count in effect (for the log)."""
+    import os
+
+    n = cpu_threads(cfg.parallel, int(os.environ.get("LOCAL_WORLD_SIZE", "1")), len(os.sched_getaffinity(0)))
+    if n is not None:
+        torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
 def set_matmul_precision(device: torch.device, tf32: bool) -> None:
     """TF32 for fp32 matmuls and convolutions on a GPU (the flags are process-wide; the CPU has no TF32)."""
     if device.type == "cuda":

@@ -1,4 +1,4 @@
-"""model.attention_backend (and TF32 for fp32 matmuls): resolved per device and precision, refused where it can't run, and set on every
+"""model.attention_backend (and TF32 for fp32 matmuls, CPU threads with offload): resolved per device and precision, refused where it can't run, and set on every
 attention module of the training model (so the kernel the config names is the one that runs)."""
 
 import pytest
@@ -79,3 +79,15 @@ def test_tf32_follows_the_config_on_a_gpu_and_leaves_the_cpu_alone():
         assert not torch.backends.cuda.matmul.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = before
+
+
+def test_cpu_threads_auto_gives_the_offloaded_optimizer_the_rank_s_share_of_cores():
+    from fluxtrain.parallel import cpu_threads
+
+    off = C.load(None, ["--parallel.cpu_offload", "true"]).parallel
+    assert cpu_threads(off, local_world_size=2, cores=32) == 16  # torchrun's OMP_NUM_THREADS=1 is overridden
+    assert cpu_threads(off, local_world_size=8, cores=4) == 1
+    assert cpu_threads(C.load(None, []).parallel, 2, 32) is None  # no offload: torch's setting stays
+    assert cpu_threads(C.load(None, ["--parallel.cpu_threads", "3"]).parallel, 2, 32) == 3
+    with pytest.raises(C.ConfigError, match="parallel.cpu_threads must be ≥ 0"):
+        C.load(None, ["--parallel.cpu_threads", "-1"])
