@@ -60,9 +60,8 @@ def test_unwritable_checkpoint_dir_fails(tmp_path, capsys):
     assert out.strip().endswith("1 FAIL")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="has a GPU: the bandwidth test would run")
 def test_full_run_without_gpu_skips_bandwidth(tmp_path, capsys):
-    if torch.cuda.is_available():
-        pytest.skip("has a GPU: the bandwidth test would run")
     rc = doctor.main(["--json", "--checkpoint-dir", str(tmp_path), "--write-mib", "1"])
     rep = json.loads(capsys.readouterr().out)
     assert rc == 0

@@ -49,9 +49,8 @@ def test_trace_covers_exactly_the_profiled_steps(tmp_path):
     assert any("Input Dims" in e.get("args", {}) for e in _ops(events, "aten::mm"))  # record_shapes
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only behaviour")
 def test_cpu_writes_no_memory_snapshot_and_says_so(tmp_path, caplog):
-    if torch.cuda.is_available():
-        pytest.skip("CPU-only behaviour")
     logger = logging.getLogger("fluxtrain")
     logger.addHandler(caplog.handler)  # setup_logging() may have turned propagation off in an earlier test
     try:
