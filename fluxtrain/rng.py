@@ -2,8 +2,9 @@
 
 A sample's noise, timestep and caption dropout are then the same whatever the world size, batch split or resume
 point, and the uniform bits are the same on CPU and CUDA (integer ops; the Gaussian transform may differ in the
-last float64 place). A batch is drawn in a few vectorised ops on the device that trains. A torch.Generator reseeded per sample had the first property but cost ~70 µs of host time per sample on a
-GPU (9 ms a step at batch 128, bench/RESULTS.md). The hash is splitmix64's finaliser on int64 tensors.
+last float64 place). A batch is drawn in a few vectorised ops on the device that trains. A torch.Generator reseeded
+per sample had the first property but cost ~70 µs of host time per sample on a GPU (9 ms a step at batch 128,
+bench/RESULTS.md). The hash is splitmix64's finaliser on int64 tensors.
 """
 
 from __future__ import annotations

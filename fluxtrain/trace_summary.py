@@ -75,20 +75,19 @@ def summarize(events: list[dict], top: int = 12) -> dict:
     else:
         wall = max(b for _, b in intervals) - min(a for a, _ in intervals)
     busy = _union(intervals)
+    names = [str(e.get("name", "")) for e in gpu]
+    kinds = [kind(n, e["cat"]) for n, e in zip(names, gpu)]
     by_kind: dict[str, float] = {}
-    for e in gpu:
-        k = kind(str(e.get("name", "")), e["cat"])
-        by_kind[k] = by_kind.get(k, 0.0) + float(e.get("dur", 0))
-    comm = _union([iv for iv, e in zip(intervals, gpu) if kind(str(e.get("name", "")), e["cat"]) == "communication"])
-    rest = _union([iv for iv, e in zip(intervals, gpu) if kind(str(e.get("name", "")), e["cat"]) != "communication"])
+    per_name: dict[str, list] = {}
+    for n, k, (a, b) in zip(names, kinds, intervals):
+        by_kind[k] = by_kind.get(k, 0.0) + (b - a)
+        row = per_name.setdefault(n, [k, 0, 0.0])
+        row[1] += 1
+        row[2] += b - a
+    comm = _union([iv for iv, k in zip(intervals, kinds) if k == "communication"])
+    rest = _union([iv for iv, k in zip(intervals, kinds) if k != "communication"])
     steps = max(1, len(spans))
     ms = 1e-3 / steps  # trace times are microseconds
-    per_name: dict[str, list] = {}
-    for e in gpu:
-        name = str(e.get("name", ""))
-        row = per_name.setdefault(name, [kind(name, e["cat"]), 0, 0.0])
-        row[1] += 1
-        row[2] += float(e.get("dur", 0))
     ranked = sorted(per_name.items(), key=lambda kv: -kv[1][2])[:top]
     return dict(steps=len(spans), wall_ms=wall * ms, gpu_busy_ms=_length(busy) * ms,
                 gpu_idle_ms=max(0.0, wall - _length(busy)) * ms,

@@ -166,12 +166,13 @@ def clip_grad_norm(model, max_norm: float, opt: torch.optim.Optimizer | None = N
     fold = opt is not None and bool(opt.defaults.get("fused"))
     if fold:
         opt.grad_scale = None
-    if max_norm > 0 and math.isfinite(float(total)):
+    norm = float(total)  # the step's one wait for the GPU: the skip decision is the host's, alike on every rank
+    if max_norm > 0 and math.isfinite(norm):
         if fold:  # torch.nn.utils.clip_grads_with_norm_'s coefficient, min(1, max_norm / (total + 1e-6)), inverted
             opt.grad_scale = torch.clamp((total.detach().float() + 1e-6) / max_norm, min=1.0)
         else:
             torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
-    return float(total)
+    return norm
 
 
 def mean_over_ranks(x: torch.Tensor) -> float:

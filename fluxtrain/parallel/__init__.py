@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from fluxtrain.config import Config
@@ -48,8 +50,6 @@ def cpu_threads(p, local_world_size: int, cores: int) -> int | None:
 
 def set_cpu_threads(cfg: Config) -> int:
     """Apply parallel.cpu_threads; returns the thread count in effect (for the log)."""
-    import os
-
     n = cpu_threads(cfg.parallel, int(os.environ.get("LOCAL_WORLD_SIZE", "1")), len(os.sched_getaffinity(0)))
     if n is not None:
         torch.set_num_threads(n)
