@@ -3,10 +3,7 @@
 # folded into fused AdamW (compare with gpu_run20: optimizer 118 ms, 1.137 s/step); (2) CPU offload with the
 # offloaded optimizer on each rank's share of the cores (parallel.cpu_threads auto; was 19.9 s/step on one core).
 set -u
-export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 \
-  TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  2>/dev/null && export PYTHONPATH=/tmp/site:$PWD || exit 1
+source bench/gpu_env.sh
 timeout 200 torchrun --nproc_per_node 2 bench/train_step.py --preset flux-dev --resolution 1024 --batch 2 \
   --warmup 2 --steps 3 --profile /tmp/prof --variants "ac=selective,ac_ops=1,compile=1,attn=cudnn" 2>&1 \
   | grep "^{\|Error\|error" | head -5
