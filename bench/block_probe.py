@@ -7,7 +7,7 @@ The first variant is the numerics reference: every later row gives its first ste
 relative to it (`dcudnn` is diffusers' own cuDNN backend, `cudnn` fluxtrain's opaque op).
 
 Each variant: the flux-dev width with --double/--single blocks, bf16, per-block compile (unless `,eager`), AC mode
-(ops = op-level selective, none, full), random inputs at --resolution (1024²) + 512 text tokens; prints fwd+bwd median time and the peak memory
+(ops = op-level selective, none, full), optionally fp8 linears (`,fp8` tensorwise or `,fp8row` rowwise scaling), random inputs at --resolution (1024²) + 512 text tokens; prints fwd+bwd median time and the peak memory
 above the weights (what the saved activations cost per block).
 """
 
@@ -40,7 +40,7 @@ except ImportError:
 
 
 def probe(kw: dict, attn: str, ac: str, batch: int, text: int, steps: int, device: str, lat: int,
-          compiled: bool = True, ref: dict | None = None) -> dict:
+          compiled: bool = True, ref: dict | None = None, fp8: str | None = None) -> dict:
     torch.manual_seed(0)
     model = build_transformer(kw, device=device).to(torch.bfloat16)
     p = C.ParallelConfig(activation_checkpointing="selective" if ac == "ops" else ac, ac_ops=ac == "ops")
@@ -48,6 +48,10 @@ def probe(kw: dict, attn: str, ac: str, batch: int, text: int, steps: int, devic
     if attn == "dcudnn":  # diffusers' own cuDNN backend, not fluxtrain's opaque op
         from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
         _AttentionBackendRegistry._backends[AttentionBackendName._NATIVE_CUDNN] = DIFFUSERS_CUDNN
+    if fp8:
+        from fluxtrain.parallel.fp8 import apply_fp8
+
+        apply_fp8(model, fp8)
     apply_ac(model, p)
     if compiled and device == "cuda":
         apply_compile(model)
@@ -106,11 +110,14 @@ def main() -> int:
     ref: dict = {}  # the first variant is the numerics reference
     for v in a.variants:
         attn, ac, *mode = v.split(",")
+        fp8 = "tensorwise" if "fp8" in mode else "rowwise" if "fp8row" in mode else None
         try:
-            row = probe(kw, attn, ac, a.batch, a.text_tokens, a.steps, a.device, a.resolution // 8, mode != ["eager"], ref)
-            row["compile"] = mode != ["eager"]
-        except Exception as err:  # a failing variant is a row
-            row = dict(attn=attn, ac=ac, error=f"{type(err).__name__}: {str(err).splitlines()[0][:200]}")
+            row = probe(kw, attn, ac, a.batch, a.text_tokens, a.steps, a.device, a.resolution // 8,
+                        "eager" not in mode, ref, fp8)
+            row.update(compile="eager" not in mode, fp8=fp8)
+        except Exception as err:  # a failing variant is a row: the error's first and last lines
+            lines = [ln for ln in str(err).splitlines() if ln.strip()] or [""]
+            row = dict(attn=attn, ac=ac, mode=mode, error=f"{type(err).__name__}: {lines[0][:200]} … {lines[-1][:300]}")
         print(json.dumps(row), flush=True)
         torch._dynamo.reset()  # else the next variant may reuse this one's graphs (and keep its model alive)
         if a.device == "cuda":

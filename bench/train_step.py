@@ -4,7 +4,8 @@
         --variants "ac=full" "ac=full,compile=1" "ac=selective,ac_every=2" "ac=none,compile=1"
 
 Each variant is `key=value` pairs over: ac (none|full|selective), ac_every, ac_ops, compile (0|1), strategy,
-offload (0|1), mp (bf16|fp32), attn (flash|efficient|cudnn|math|auto), fp8 (0|1), batch, prefetch,
+offload (0|1), mp (bf16|fp32), attn (flash|efficient|cudnn|math|auto), fp8 (0|1), fp8_recipe (tensorwise|rowwise),
+batch, prefetch,
 lora (rank; frozen bf16 base). All variants run in
 one process launch (model rebuilt per variant, on the meta device, random weights), so rows compare on one machine.
 Inputs are random latents and text embeddings (frozen encoders are off the hot path: `data.source = cache`).
@@ -33,9 +34,9 @@ from fluxtrain import config as C  # noqa: E402
 from fluxtrain import flow  # noqa: E402
 from fluxtrain.metrics import flux_flops_per_sample, peak_tflops  # noqa: E402
 from fluxtrain.models.setup import build_training_model, model_kwargs  # noqa: E402
-from fluxtrain.optim import build_optimizer  # noqa: E402
-from fluxtrain.parallel import after_optimizer_step, set_cpu_threads  # noqa: E402
-from fluxtrain.train import clip_grad_norm  # noqa: E402
+from fluxtrain.optim import build_optimizer, build_scheduler  # noqa: E402
+from fluxtrain.parallel import set_cpu_threads  # noqa: E402
+from fluxtrain.train import clip_and_step  # noqa: E402
 from fluxtrain.parallel import mesh as pmesh  # noqa: E402
 
 def variant_config(base: list[str], spec: dict) -> C.Config:
@@ -43,7 +44,8 @@ def variant_config(base: list[str], spec: dict) -> C.Config:
     m = {"ac": "parallel.activation_checkpointing", "ac_every": "parallel.ac_every", "ac_ops": "parallel.ac_ops",
          "compile": "train.compile", "strategy": "parallel.strategy", "offload": "parallel.cpu_offload",
          "mp": "parallel.mixed_precision", "batch": "train.batch_size", "prefetch": "parallel.forward_prefetch", "bprefetch": "parallel.backward_prefetch",
-         "reshard_last": "parallel.reshard_last_block", "fp8": "parallel.fp8", "attn": "model.attention_backend"}
+         "reshard_last": "parallel.reshard_last_block", "fp8": "parallel.fp8", "attn": "model.attention_backend",
+         "fp8_recipe": "parallel.fp8_recipe"}
     for k, v in spec.items():
         if k == "lora":  # LoRA of this rank on a frozen bf16 base
             ov += ["--lora.enabled", "true", "--lora.rank", v, "--lora.alpha", v, "--lora.base_dtype", "bf16"]
@@ -88,6 +90,7 @@ def run_variant(D, args, spec: dict) -> dict:
     t_init = time.perf_counter()
     model = build_training_model(cfg, D.mesh, D.device)
     opt = build_optimizer(model.parameters(), cfg.optim)
+    sched = build_scheduler(opt, 1000, cfg.optim)
     init_s = time.perf_counter() - t_init
     # what is resident before the first step (weights, shards, LoRA) vs after the last: where a peak comes from
     init_gib = torch.cuda.memory_allocated() / 2**30 if cuda else 0.0
@@ -107,10 +110,7 @@ def run_variant(D, args, spec: dict) -> dict:
         pred = model(**flow.transformer_inputs(x_t, sigma, seq, pooled, lat, lat, 1.0))[0]
         loss = flow.flow_loss(pred, flow.target(x0, noise), sigma)
         loss.backward()
-        clip_grad_norm(model, 1.0, opt)
-        opt.step()
-        after_optimizer_step(model, cfg)
-        opt.zero_grad(set_to_none=True)
+        clip_and_step(model, opt, sched, 1.0, cfg)  # the trainer's clip and step, as it runs them
         return loss
 
     times, losses = [], []

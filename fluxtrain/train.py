@@ -141,11 +141,28 @@ def data_counts(data, cfg: C.Config) -> dict[str, int]:
 
 
 def clip_and_step(model, opt, sched, max_norm: float, cfg: C.Config, ema=None, step: int = 0) -> tuple[float, bool]:
-    """Clip over the sharded gradients; skip the step (on every rank alike: the norm is global) if non-finite."""
-    norm = clip_grad_norm(model, max_norm, opt)
+    """Clip over the sharded gradients and step; a non-finite norm skips the step on every rank alike (the norm is
+    global). A fused optimizer takes both into its kernel: the clip coefficient as `grad_scale` (no extra read and
+    write of every gradient) and the skip as `found_inf` (GradScaler's route: no update, step count kept), so the
+    host queues the step before it waits for the norm and the GPU is not left idle while the host dispatches it."""
+    total = grad_norm(model)
+    fused = bool(opt.defaults.get("fused"))
+    if fused:
+        # torch.nn.utils.clip_grads_with_norm_'s coefficient, min(1, max_norm / (total + 1e-6)), inverted
+        opt.grad_scale = torch.clamp((total + 1e-6) / max_norm, min=1.0) if max_norm > 0 else None
+        opt.found_inf = (~torch.isfinite(total)).float()
+        read = _copy_to_host(total)
+        opt.step()
+        norm = read()
+    else:
+        norm = float(total)
+        if max_norm > 0 and math.isfinite(norm):
+            torch.nn.utils.clip_grads_with_norm_([p for p in model.parameters() if p.grad is not None], max_norm,
+                                                 total, foreach=True)
     ok = math.isfinite(norm)
     if ok:
-        opt.step()
+        if not fused:
+            opt.step()
         after_optimizer_step(model, cfg)
         if ema is not None:
             ema.update(model, step)
@@ -154,25 +171,24 @@ def clip_and_step(model, opt, sched, max_norm: float, cfg: C.Config, ema=None, s
     return norm, ok
 
 
-def clip_grad_norm(model, max_norm: float, opt: torch.optim.Optimizer | None = None) -> float:
-    """Global grad norm with one reduction (DTensor partial norms made full once), then the clip. Given a fused
-    optimizer, the clip coefficient goes into its next step (`grad_scale`: each gradient is divided by it inside the
-    kernel) instead of an extra read and write of every gradient. The optimizer pass was 10% of the 12B step."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    grads = [p.grad for p in params]
-    total = torch.nn.utils.get_total_norm(grads, foreach=True)
+def grad_norm(model) -> torch.Tensor:
+    """Global gradient norm with one reduction (DTensor partial norms made full once), left on the device."""
+    total = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None], foreach=True)
     if hasattr(total, "full_tensor"):
         total = total.full_tensor()
-    fold = opt is not None and bool(opt.defaults.get("fused"))
-    if fold:
-        opt.grad_scale = None
-    norm = float(total)  # the step's one wait for the GPU: the skip decision is the host's, alike on every rank
-    if max_norm > 0 and math.isfinite(norm):
-        if fold:  # torch.nn.utils.clip_grads_with_norm_'s coefficient, min(1, max_norm / (total + 1e-6)), inverted
-            opt.grad_scale = torch.clamp((total.detach().float() + 1e-6) / max_norm, min=1.0)
-        else:
-            torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
-    return norm
+    return total.detach().float()
+
+
+def _copy_to_host(t: torch.Tensor):
+    """Start a scalar's copy to the host now; the returned reader waits for that copy only, not for work queued
+    after it (a plain float() would also wait for the optimizer step)."""
+    if t.device.type != "cuda":
+        return lambda: float(t)
+    buf = torch.empty((), dtype=t.dtype, pin_memory=True)
+    buf.copy_(t, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    return lambda: (done.synchronize(), float(buf))[1]
 
 
 def mean_over_ranks(x: torch.Tensor) -> float:

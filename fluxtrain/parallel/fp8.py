@@ -14,14 +14,15 @@ def _eligible(mod: torch.nn.Module, fqn: str) -> bool:
             and mod.in_features % 16 == 0 and mod.out_features % 16 == 0 and mod.in_features >= 512)
 
 
-def apply_fp8(model: torch.nn.Module) -> int:
+def apply_fp8(model: torch.nn.Module, recipe: str = "tensorwise") -> int:
     try:
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
     except ImportError:
         raise ConfigError("parallel.fp8 needs torchao: pip install 'fluxtrain[fp8]'") from None
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
         raise ConfigError("parallel.fp8 needs an fp8 GPU (Hopper/Ada or newer): set parallel.fp8 = false")
-    cfg = Float8LinearConfig(enable_fsdp_float8_all_gather=True)
+    cfg = (Float8LinearConfig(enable_fsdp_float8_all_gather=True) if recipe == "tensorwise"
+           else Float8LinearConfig.from_recipe_name(recipe))
     convert_to_float8_training(model, config=cfg, module_filter_fn=_eligible)
     return sum(1 for m in model.modules() if type(m).__name__ == "Float8Linear")
 

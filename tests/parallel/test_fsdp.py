@@ -1,5 +1,7 @@
 """Sharding never changes the math: real torchrun processes over gloo, fp32, compared step by step."""
 
+import math
+
 import pytest
 
 from tests.helpers import assert_close, events, losses, metrics, run_variants
@@ -30,6 +32,8 @@ def world2(tmp_path_factory):
         "accum": ["--train.grad_accum", "2", "--train.batch_size", "1"],
         "bf16": ["--parallel.mixed_precision", "bf16"],
         "nan": ["--train.inject_nan_at_step", "3", "--train.inject_nan_rank", "1"],
+        # fused AdamW skips in its kernel (found_inf), foreach AdamW is not called: the same run either way
+        "nan_foreach": ["--train.inject_nan_at_step", "3", "--train.inject_nan_rank", "1", "--optim.fused", "false"],
         # a clip that acts every step: fused AdamW takes the coefficient as grad_scale, foreach AdamW clips the grads
         "clip_fused": ["--optim.grad_clip", "0.05"],
         "clip_foreach": ["--optim.grad_clip", "0.05", "--optim.fused", "false"],
@@ -78,6 +82,12 @@ def test_nan_on_one_rank_skips_the_step_everywhere(world2):
     clean = losses(world2 / "full")
     assert rows[2]["loss"] == pytest.approx(clean[2], rel=EXACT)
     assert rows[4]["loss"] != pytest.approx(clean[4], rel=EXACT)
+    # the skipped step left weights, moments and step counts as they were: the skip in the fused kernel equals not
+    # calling the optimizer at all
+    fused, foreach = losses(world2 / "nan"), losses(world2 / "nan_foreach")
+    assert fused.keys() == foreach.keys() and math.isnan(fused.pop(3)) and math.isnan(foreach.pop(3))  # the planted NaN
+    for s in fused:
+        assert math.isfinite(fused[s]) and fused[s] == pytest.approx(foreach[s], rel=EXACT), s
 
 
 def test_world4_strategies_match_single_process(tmp_path, single):
