@@ -7,7 +7,7 @@ The first variant is the numerics reference: every later row gives its first ste
 relative to it (`dcudnn` is diffusers' own cuDNN backend, `cudnn` fluxtrain's opaque op).
 
 Each variant: the flux-dev width with --double/--single blocks, bf16, per-block compile (unless `,eager`), AC mode
-(ops = op-level selective, none, full), optionally fp8 linears (`,fp8` tensorwise or `,fp8row` rowwise scaling), random inputs at --resolution (1024²) + 512 text tokens; prints fwd+bwd median time and the peak memory
+(ops = op-level selective, none, full), optionally fp8 linears (`,fp8=RECIPE`: parallel.fp8_recipe's names), random inputs at --resolution (1024²) + 512 text tokens; prints fwd+bwd median time and the peak memory
 above the weights (what the saved activations cost per block).
 """
 
@@ -110,7 +110,7 @@ def main() -> int:
     ref: dict = {}  # the first variant is the numerics reference
     for v in a.variants:
         attn, ac, *mode = v.split(",")
-        fp8 = "tensorwise" if "fp8" in mode else "rowwise" if "fp8row" in mode else None
+        fp8 = next((m.removeprefix("fp8=") for m in mode if m.startswith("fp8=")), None)
         try:
             row = probe(kw, attn, ac, a.batch, a.text_tokens, a.steps, a.device, a.resolution // 8,
                         "eager" not in mode, ref, fp8)
@@ -118,6 +118,7 @@ def main() -> int:
         except Exception as err:  # a failing variant is a row: the error's first and last lines
             lines = [ln for ln in str(err).splitlines() if ln.strip()] or [""]
             row = dict(attn=attn, ac=ac, mode=mode, error=f"{type(err).__name__}: {lines[0][:200]} … {lines[-1][:300]}")
+            print("\n".join(lines[:40])[:4000], file=sys.stderr)  # inductor puts the cause mid-message
         print(json.dumps(row), flush=True)
         torch._dynamo.reset()  # else the next variant may reuse this one's graphs (and keep its model alive)
         if a.device == "cuda":

@@ -115,8 +115,9 @@ class ParallelConfig:
     # AdamW over billions of parameters then runs on one core; without offload, torch's default.
     cpu_threads: int = 0
     fp8: bool = False  # torchao Float8Linear on the block linears, fp8 all-gather (GPU only)
-    # tensorwise: one scale per tensor, fp8 all-gather; rowwise: one per row (more accurate, bf16 all-gather)
-    fp8_recipe: Literal["tensorwise", "rowwise"] = "tensorwise"
+    # tensorwise: one scale per tensor, fp8 all-gather; rowwise: one per row (more accurate, bf16 all-gather);
+    # *_gw_hp: the weight-gradient GEMM stays in bf16
+    fp8_recipe: Literal["tensorwise", "tensorwise_gw_hp", "rowwise", "rowwise_with_gw_hp"] = "tensorwise"
     # HYBRID_SHARD: ranks per shard group (default 0 = GPUs per node, LOCAL_WORLD_SIZE).
     shard_size: int = 0
     forward_prefetch: int = 1

@@ -63,7 +63,7 @@ def set_matmul_precision(device: torch.device, tf32: bool) -> None:
 
 
 def after_optimizer_step(model: torch.nn.Module, cfg: Config) -> None:
-    if cfg.parallel.fp8 and cfg.parallel.fp8_recipe == "tensorwise":  # rowwise all-gathers bf16: nothing to precompute
+    if cfg.parallel.fp8 and cfg.parallel.fp8_recipe.startswith("tensorwise"):  # rowwise all-gathers bf16
         from fluxtrain.parallel.fp8 import after_optimizer_step as fp8_step
 
         fp8_step(model)

@@ -21,6 +21,7 @@ _SAVE_OPS = {
     torch.ops.aten._scaled_dot_product_efficient_attention.default,
     torch.ops.aten._scaled_dot_product_cudnn_attention.default,
     torch.ops.fluxtrain.cudnn_attention.default,
+    torch.ops.aten._scaled_mm.default,  # fp8 linears (parallel.fp8): their GEMM is saved like a bf16 one
 }
 
 

@@ -16,13 +16,20 @@ def _eligible(mod: torch.nn.Module, fqn: str) -> bool:
 
 def apply_fp8(model: torch.nn.Module, recipe: str = "tensorwise") -> int:
     try:
-        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+        from torchao.float8 import CastConfig, Float8LinearConfig, ScalingType, convert_to_float8_training
     except ImportError:
         raise ConfigError("parallel.fp8 needs torchao: pip install 'fluxtrain[fp8]'") from None
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
         raise ConfigError("parallel.fp8 needs an fp8 GPU (Hopper/Ada or newer): set parallel.fp8 = false")
-    cfg = (Float8LinearConfig(enable_fsdp_float8_all_gather=True) if recipe == "tensorwise"
-           else Float8LinearConfig.from_recipe_name(recipe))
+    if recipe.startswith("tensorwise"):
+        # _gw_hp: grad_weight = input^T @ grad_output in bf16, the GEMM whose fp8 operand layout torch 2.11's inductor
+        # rejected (`_scaled_mm: self must be row_major`)
+        hp = recipe.endswith("_gw_hp")
+        off = lambda: CastConfig(scaling_type=ScalingType.DISABLED) if hp else None  # noqa: E731  (one per operand)
+        cfg = Float8LinearConfig(enable_fsdp_float8_all_gather=True, cast_config_input_for_grad_weight=off(),
+                                 cast_config_grad_output_for_grad_weight=off())
+    else:
+        cfg = Float8LinearConfig.from_recipe_name(recipe)
     convert_to_float8_training(model, config=cfg, module_filter_fn=_eligible)
     return sum(1 for m in model.modules() if type(m).__name__ == "Float8Linear")
 
