@@ -7,7 +7,8 @@ The first variant is the numerics reference: every later row gives its first ste
 relative to it (`dcudnn` is diffusers' own cuDNN backend, `cudnn` fluxtrain's opaque op).
 
 Each variant: the flux-dev width with --double/--single blocks, bf16, per-block compile (unless `,eager`), AC mode
-(ops = op-level selective, none, full), optionally fp8 linears (`,fp8=RECIPE`: parallel.fp8_recipe's names), random inputs at --resolution (1024²) + 512 text tokens; prints fwd+bwd median time and the peak memory
+(ops = op-level selective, none, full), optionally fp8 linears (`,fp8=RECIPE`: parallel.fp8_recipe's names; `,noag`: weights without
+torchao's fp8 all-gather subclass), random inputs at --resolution (1024²) + 512 text tokens; prints fwd+bwd median time and the peak memory
 above the weights (what the saved activations cost per block).
 """
 
@@ -40,7 +41,7 @@ except ImportError:
 
 
 def probe(kw: dict, attn: str, ac: str, batch: int, text: int, steps: int, device: str, lat: int,
-          compiled: bool = True, ref: dict | None = None, fp8: str | None = None) -> dict:
+          compiled: bool = True, ref: dict | None = None, fp8: str | None = None, fp8_ag: bool = True) -> dict:
     torch.manual_seed(0)
     model = build_transformer(kw, device=device).to(torch.bfloat16)
     p = C.ParallelConfig(activation_checkpointing="selective" if ac == "ops" else ac, ac_ops=ac == "ops")
@@ -51,7 +52,7 @@ def probe(kw: dict, attn: str, ac: str, batch: int, text: int, steps: int, devic
     if fp8:
         from fluxtrain.parallel.fp8 import apply_fp8
 
-        apply_fp8(model, fp8)
+        apply_fp8(model, fp8, fp8_ag)
     apply_ac(model, p)
     if compiled and device == "cuda":
         apply_compile(model)
@@ -113,8 +114,8 @@ def main() -> int:
         fp8 = next((m.removeprefix("fp8=") for m in mode if m.startswith("fp8=")), None)
         try:
             row = probe(kw, attn, ac, a.batch, a.text_tokens, a.steps, a.device, a.resolution // 8,
-                        "eager" not in mode, ref, fp8)
-            row.update(compile="eager" not in mode, fp8=fp8)
+                        "eager" not in mode, ref, fp8, "noag" not in mode)
+            row.update(compile="eager" not in mode, fp8=fp8, fp8_all_gather=fp8 is not None and "noag" not in mode)
         except Exception as err:  # a failing variant is a row: the error's first and last lines
             lines = [ln for ln in str(err).splitlines() if ln.strip()] or [""]
             row = dict(attn=attn, ac=ac, mode=mode, error=f"{type(err).__name__}: {lines[0][:200]} … {lines[-1][:300]}")

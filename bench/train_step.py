@@ -45,12 +45,12 @@ def variant_config(base: list[str], spec: dict) -> C.Config:
          "compile": "train.compile", "strategy": "parallel.strategy", "offload": "parallel.cpu_offload",
          "mp": "parallel.mixed_precision", "batch": "train.batch_size", "prefetch": "parallel.forward_prefetch", "bprefetch": "parallel.backward_prefetch",
          "reshard_last": "parallel.reshard_last_block", "fp8": "parallel.fp8", "attn": "model.attention_backend",
-         "fp8_recipe": "parallel.fp8_recipe"}
+         "fp8_recipe": "parallel.fp8_recipe", "fp8_ag": "parallel.fp8_all_gather"}
     for k, v in spec.items():
         if k == "lora":  # LoRA of this rank on a frozen bf16 base
             ov += ["--lora.enabled", "true", "--lora.rank", v, "--lora.alpha", v, "--lora.base_dtype", "bf16"]
         if k in m:
-            v = {"0": "false", "1": "true"}.get(v, v) if k in ("compile", "offload", "ac_ops", "reshard_last", "fp8") else v
+            v = {"0": "false", "1": "true"}.get(v, v) if k in ("compile", "offload", "ac_ops", "reshard_last", "fp8", "fp8_ag") else v
             ov += [f"--{m[k]}", v]
     return C.load(None, ov)
 
@@ -110,10 +110,13 @@ def run_variant(D, args, spec: dict) -> dict:
         pred = model(**flow.transformer_inputs(x_t, sigma, seq, pooled, lat, lat, 1.0))[0]
         loss = flow.flow_loss(pred, flow.target(x0, noise), sigma)
         loss.backward()
+        if args.phases:  # the split of the step: forward+backward vs clip+optimizer (a sync between them)
+            sync()
+            marks.append(time.perf_counter())
         clip_and_step(model, opt, sched, 1.0, cfg)  # the trainer's clip and step, as it runs them
         return loss
 
-    times, losses = [], []
+    times, losses, marks, fwd_bwd = [], [], [], []
     for i in range(args.warmup + args.steps):
         sync()
         t0 = time.perf_counter()
@@ -122,6 +125,8 @@ def run_variant(D, args, spec: dict) -> dict:
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
             losses.append(float(loss.detach()))
+            if args.phases:
+                fwd_bwd.append(marks[-1] - t0)
     profile = profile_steps(D, args, train_step, sync, spec) if args.profile else None
     step = statistics.median(times)
     steady_gib = torch.cuda.memory_allocated() / 2**30 if cuda else 0.0
@@ -139,6 +144,9 @@ def run_variant(D, args, spec: dict) -> dict:
                reserved_gib=reserved, init_s=init_s, init_gib=init_gib, steady_gib=steady_gib, loss_first=losses[0], loss_last=losses[-1])
     if profile:
         row["profile"] = profile
+    if fwd_bwd:
+        row["fwd_bwd_s"] = statistics.median(fwd_bwd)
+        row["clip_step_s"] = statistics.median(t - f for t, f in zip(times, fwd_bwd))
     del model, opt, x0, noise, seq, pooled
     # Compiled graphs keep the variant's model alive (22 GiB of sharded 12B weights per GPU were still resident in
     # the next variant): drop them, so each row's peak is its own.
@@ -164,6 +172,8 @@ def main() -> int:
     ap.add_argument("--out", default=None, help="append the markdown rows here (default: print only)")
     ap.add_argument("--profile", default=None, help="profile 2 extra steps per variant: traces to this folder, "
                                                      "their summary into the row")
+    ap.add_argument("--phases", action="store_true", help="also time forward+backward and clip+optimizer step apart "
+                                                          "(a sync between them)")
     args = ap.parse_args()
     args.base = ["--model.preset", args.preset, "--data.resolution", str(args.resolution),
                  "--train.batch_size", str(args.batch), "--model.max_text_tokens", str(args.text_tokens),

@@ -27,7 +27,7 @@ def parallelize(model: torch.nn.Module, mesh, cfg: Config) -> torch.nn.Module:
     if cfg.parallel.fp8:
         from fluxtrain.parallel.fp8 import apply_fp8
 
-        apply_fp8(model, cfg.parallel.fp8_recipe)
+        apply_fp8(model, cfg.parallel.fp8_recipe, cfg.parallel.fp8_all_gather)
     apply_ac(model, cfg.parallel)
     if cfg.train.compile:
         if cfg.train.compile_mode == "reduce-overhead" and wants_fsdp(mesh, cfg):
@@ -63,7 +63,7 @@ def set_matmul_precision(device: torch.device, tf32: bool) -> None:
 
 
 def after_optimizer_step(model: torch.nn.Module, cfg: Config) -> None:
-    if cfg.parallel.fp8 and cfg.parallel.fp8_recipe.startswith("tensorwise"):  # rowwise all-gathers bf16
+    if cfg.parallel.fp8 and cfg.parallel.fp8_recipe.startswith("tensorwise") and cfg.parallel.fp8_all_gather:
         from fluxtrain.parallel.fp8 import after_optimizer_step as fp8_step
 
         fp8_step(model)

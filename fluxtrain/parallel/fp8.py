@@ -14,7 +14,7 @@ def _eligible(mod: torch.nn.Module, fqn: str) -> bool:
             and mod.in_features % 16 == 0 and mod.out_features % 16 == 0 and mod.in_features >= 512)
 
 
-def apply_fp8(model: torch.nn.Module, recipe: str = "tensorwise") -> int:
+def apply_fp8(model: torch.nn.Module, recipe: str = "tensorwise", all_gather: bool = True) -> int:
     try:
         from torchao.float8 import CastConfig, Float8LinearConfig, ScalingType, convert_to_float8_training
     except ImportError:
@@ -26,7 +26,7 @@ def apply_fp8(model: torch.nn.Module, recipe: str = "tensorwise") -> int:
         # rejected (`_scaled_mm: self must be row_major`)
         hp = recipe.endswith("_gw_hp")
         off = lambda: CastConfig(scaling_type=ScalingType.DISABLED) if hp else None  # noqa: E731  (one per operand)
-        cfg = Float8LinearConfig(enable_fsdp_float8_all_gather=True, cast_config_input_for_grad_weight=off(),
+        cfg = Float8LinearConfig(enable_fsdp_float8_all_gather=all_gather, cast_config_input_for_grad_weight=off(),
                                  cast_config_grad_output_for_grad_weight=off())
     else:
         cfg = Float8LinearConfig.from_recipe_name(recipe)
