@@ -118,7 +118,9 @@ class ParallelConfig:
     # tensorwise: one scale per tensor, fp8 all-gather; rowwise: one per row (more accurate, bf16 all-gather);
     # *_gw_hp: the weight-gradient GEMM stays in bf16
     fp8_recipe: Literal["tensorwise", "tensorwise_gw_hp", "rowwise", "rowwise_with_gw_hp"] = "tensorwise"
-    fp8_all_gather: bool = True  # tensorwise recipes: FSDP all-gathers the weights in fp8 (half of bf16's bytes)
+    # tensorwise recipes: FSDP all-gathers the weights in fp8 (half of bf16's bytes) through torchao's weight subclass;
+    # off by default: torch 2.11's inductor refused the compiled block with it (gpu_run23)
+    fp8_all_gather: bool = False
     # HYBRID_SHARD: ranks per shard group (default 0 = GPUs per node, LOCAL_WORLD_SIZE).
     shard_size: int = 0
     forward_prefetch: int = 1

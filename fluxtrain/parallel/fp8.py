@@ -14,7 +14,7 @@ def _eligible(mod: torch.nn.Module, fqn: str) -> bool:
             and mod.in_features % 16 == 0 and mod.out_features % 16 == 0 and mod.in_features >= 512)
 
 
-def apply_fp8(model: torch.nn.Module, recipe: str = "tensorwise", all_gather: bool = True) -> int:
+def apply_fp8(model: torch.nn.Module, recipe: str = "tensorwise", all_gather: bool = False) -> int:
     try:
         from torchao.float8 import CastConfig, Float8LinearConfig, ScalingType, convert_to_float8_training
     except ImportError:
