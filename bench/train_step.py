@@ -147,7 +147,7 @@ def run_variant(D, args, spec: dict) -> dict:
     if fwd_bwd:
         row["fwd_bwd_s"] = statistics.median(fwd_bwd)
         row["clip_step_s"] = statistics.median(t - f for t, f in zip(times, fwd_bwd))
-    del model, opt, sched, x0, noise, seq, pooled  # the scheduler holds the optimizer, which holds the weights
+    del model, opt, sched, x0, noise, seq, pooled  # the scheduler holds the optimizer too
     # Compiled graphs keep the variant's model alive (22 GiB of sharded 12B weights per GPU were still resident in
     # the next variant): drop them, so each row's peak is its own.
     torch._dynamo.reset()
