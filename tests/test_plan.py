@@ -18,12 +18,17 @@ MEASURED = [
     (["--parallel.activation_checkpointing", "selective", "--parallel.ac_ops", "true"], True, 2, 99.5),
     (["--parallel.activation_checkpointing", "selective", "--parallel.ac_ops", "true"], True, 3, 115.2),
     (["--parallel.activation_checkpointing", "full", "--parallel.cpu_offload", "true"], True, 1, 4.0),
+    # fp8 linears (tensorwise, bf16 all-gather; gpu_run24): the planner counts them as bf16, and the peak agrees
+    (["--parallel.activation_checkpointing", "selective", "--parallel.ac_ops", "true", "--parallel.fp8", "true"],
+     True, 2, 99.8),
 ]
 # 4 GPUs (gpu_run22, gpu_run23)
 MEASURED_4 = [
     (["--parallel.activation_checkpointing", "selective", "--parallel.ac_ops", "true"], True, 2, 66.1),
     (["--parallel.activation_checkpointing", "none"], True, 2, 90.8),
     (["--parallel.activation_checkpointing", "selective", "--parallel.ac_ops", "true"], True, 4, 97.9),
+    (["--parallel.activation_checkpointing", "selective", "--parallel.ac_ops", "true", "--parallel.fp8", "true",
+      "--parallel.fp8_recipe", "rowwise_with_gw_hp"], True, 4, 98.5),
 ]
 BASE = ["--model.preset", "flux-dev", "--data.resolution", "1024", "--model.max_text_tokens", "512",
         "--data.source", "cache", "--data.path", "x"]
