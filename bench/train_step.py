@@ -82,7 +82,7 @@ def profile_steps(D, args, train_step, sync, spec: dict) -> dict | None:
 
 def run_variant(D, args, spec: dict) -> dict:
     cfg = variant_config(args.base, {"attn": args.attn, **spec})
-    set_cpu_threads(cfg)  # the offloaded optimizer's threads, as the trainer sets them
+    threads = set_cpu_threads(cfg)  # the offloaded optimizer's threads, as the trainer sets them
     cuda = D.device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     if cuda:
@@ -141,7 +141,7 @@ def run_variant(D, args, spec: dict) -> dict:
     pk = peak_tflops(D.device) or float("nan")
     row = dict(variant=",".join(f"{k}={v}" for k, v in spec.items()) or "default", gpus=D.world_size, batch=b,
                step_s=step, samples_s_gpu=b / step, tflops_gpu=tflops, mfu=tflops / pk, peak_gib=float(peak),
-               reserved_gib=reserved, init_s=init_s, init_gib=init_gib, steady_gib=steady_gib, loss_first=losses[0], loss_last=losses[-1])
+               reserved_gib=reserved, cpu_threads=threads, init_s=init_s, init_gib=init_gib, steady_gib=steady_gib, loss_first=losses[0], loss_last=losses[-1])
     if profile:
         row["profile"] = profile
     if fwd_bwd:

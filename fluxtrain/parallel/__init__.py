@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
+from pathlib import Path
 
 import torch
 
@@ -48,9 +50,26 @@ def cpu_threads(p, local_world_size: int, cores: int) -> int | None:
     return None
 
 
+def usable_cores(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """The cores this process may use: its CPU affinity, capped by a cgroup CPU quota where one is set (a container
+    can see every host core in its affinity and still be limited to a few: threads past the quota only contend)."""
+    cores = len(os.sched_getaffinity(0))
+    try:
+        quota, period = (cgroup / "cpu.max").read_text().split()[:2]  # cgroup v2: "max 100000" or "800000 100000"
+    except (OSError, ValueError):
+        try:  # cgroup v1
+            quota = (cgroup / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period = (cgroup / "cpu" / "cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            return cores
+    if quota in ("max", "-1") or int(period) <= 0:
+        return cores
+    return max(1, min(cores, math.ceil(int(quota) / int(period))))
+
+
 def set_cpu_threads(cfg: Config) -> int:
     """Apply parallel.cpu_threads; returns the thread count in effect (for the log)."""
-    n = cpu_threads(cfg.parallel, int(os.environ.get("LOCAL_WORLD_SIZE", "1")), len(os.sched_getaffinity(0)))
+    n = cpu_threads(cfg.parallel, int(os.environ.get("LOCAL_WORLD_SIZE", "1")), usable_cores())
     if n is not None:
         torch.set_num_threads(n)
     return torch.get_num_threads()

@@ -91,3 +91,21 @@ def test_cpu_threads_auto_gives_the_offloaded_optimizer_the_rank_s_share_of_core
     assert cpu_threads(C.load(None, ["--parallel.cpu_threads", "3"]).parallel, 2, 32) == 3
     with pytest.raises(C.ConfigError, match="parallel.cpu_threads must be ≥ 0"):
         C.load(None, ["--parallel.cpu_threads", "-1"])
+
+
+def test_usable_cores_honours_a_cgroup_quota(tmp_path, monkeypatch):
+    from fluxtrain.parallel import usable_cores
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(64)))
+    assert usable_cores(tmp_path) == 64  # no cgroup files: the affinity
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert usable_cores(tmp_path) == 64  # no quota
+    (tmp_path / "cpu.max").write_text("3200000 100000\n")
+    assert usable_cores(tmp_path) == 32  # a 32-core quota inside a 64-core affinity
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert usable_cores(tmp_path) == 2  # 1.5 cores round up
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("800000\n")
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert usable_cores(tmp_path) == 8  # cgroup v1
