@@ -141,7 +141,10 @@ def run_variant(D, args, spec: dict) -> dict:
     pk = peak_tflops(D.device) or float("nan")
     row = dict(variant=",".join(f"{k}={v}" for k, v in spec.items()) or "default", gpus=D.world_size, batch=b,
                step_s=step, samples_s_gpu=b / step, tflops_gpu=tflops, mfu=tflops / pk, peak_gib=float(peak),
-               reserved_gib=reserved, cpu_threads=threads, init_s=init_s, init_gib=init_gib, steady_gib=steady_gib, loss_first=losses[0], loss_last=losses[-1])
+               reserved_gib=reserved, cpu_threads=threads, init_s=init_s, init_gib=init_gib, steady_gib=steady_gib,
+               loss_first=losses[0], loss_last=losses[-1])
+    if args.losses:
+        row["losses"] = losses
     if profile:
         row["profile"] = profile
     if fwd_bwd:
@@ -170,11 +173,19 @@ def main() -> int:
     ap.add_argument("--variants", nargs="+", default=["ac=full"])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", default=None, help="append the markdown rows here (default: print only)")
+    ap.add_argument("--depth", default=None, help="DOUBLE,SINGLE: the preset's width with this many blocks (numerics "
+                                                  "runs of many steps, e.g. fp8 vs bf16)")
+    ap.add_argument("--losses", default=None, help="write every timed step's loss per variant to this JSON file")
     ap.add_argument("--profile", default=None, help="profile 2 extra steps per variant: traces to this folder, "
                                                      "their summary into the row")
     ap.add_argument("--phases", action="store_true", help="also time forward+backward and clip+optimizer step apart "
                                                           "(a sync between them)")
     args = ap.parse_args()
+    if args.depth:  # the preset's shape with fewer blocks: every later lookup of the preset sees it
+        from fluxtrain.models.presets import PRESETS
+
+        d, sgl = (int(x) for x in args.depth.split(","))
+        PRESETS[args.preset] = {**PRESETS[args.preset], "num_layers": d, "num_single_layers": sgl}
     args.base = ["--model.preset", args.preset, "--data.resolution", str(args.resolution),
                  "--train.batch_size", str(args.batch), "--model.max_text_tokens", str(args.text_tokens),
                  "--train.device", args.device, "--optim.fused", "true"]
@@ -198,7 +209,9 @@ def main() -> int:
                 torch.cuda.empty_cache()
         rows.append(row)
         if D.is_main:
-            print(json.dumps(row), flush=True)
+            print(json.dumps({k: v for k, v in row.items() if k != "losses"}), flush=True)
+    if D.is_main and args.losses:
+        Path(args.losses).write_text(json.dumps({r["variant"]: r.get("losses") for r in rows}))
     if D.is_main:
         date = datetime.date.today().isoformat()
         head = (f"\n### {date} · {card} × {D.world_size} · commit {commit} · {args.preset} {args.resolution}² "
