@@ -7,8 +7,9 @@ The first variant is the numerics reference: every later row gives its first ste
 relative to it (`dcudnn` is diffusers' own cuDNN backend, `cudnn` fluxtrain's opaque op).
 
 Each variant: the flux-dev width with --double/--single blocks, bf16, per-block compile (unless `,eager`), AC mode
-(ops = op-level selective, none, full), optionally fp8 linears (`,fp8=RECIPE`: parallel.fp8_recipe's names; `,noag`: weights without
-torchao's fp8 all-gather subclass), random inputs at --resolution (1024²) + 512 text tokens; prints fwd+bwd median time and the peak memory
+(ops = op-level selective, none, full), optionally fp8 linears (`,fp8=RECIPE`: parallel.fp8_recipe's names;
+`,noag`: weights without torchao's fp8 all-gather subclass), random inputs at --resolution (1024²) + 512 text
+tokens; prints fwd+bwd median time and the peak memory
 above the weights (what the saved activations cost per block).
 """
 
@@ -118,7 +119,8 @@ def main() -> int:
             row.update(compile="eager" not in mode, fp8=fp8, fp8_all_gather=fp8 is not None and "noag" not in mode)
         except Exception as err:  # a failing variant is a row: the error's first and last lines
             lines = [ln for ln in str(err).splitlines() if ln.strip()] or [""]
-            row = dict(attn=attn, ac=ac, mode=mode, error=f"{type(err).__name__}: {lines[0][:200]} … {lines[-1][:300]}")
+            row = dict(attn=attn, ac=ac, mode=mode,
+                       error=f"{type(err).__name__}: {lines[0][:200]} … {lines[-1][:300]}")
             print("\n".join(lines[:40])[:4000], file=sys.stderr)  # inductor puts the cause mid-message
         print(json.dumps(row), flush=True)
         torch._dynamo.reset()  # else the next variant may reuse this one's graphs (and keep its model alive)

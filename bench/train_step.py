@@ -50,7 +50,8 @@ def variant_config(base: list[str], spec: dict) -> C.Config:
         if k == "lora":  # LoRA of this rank on a frozen bf16 base
             ov += ["--lora.enabled", "true", "--lora.rank", v, "--lora.alpha", v, "--lora.base_dtype", "bf16"]
         if k in m:
-            v = {"0": "false", "1": "true"}.get(v, v) if k in ("compile", "offload", "ac_ops", "reshard_last", "fp8", "fp8_ag") else v
+            flags = ("compile", "offload", "ac_ops", "reshard_last", "fp8", "fp8_ag")
+            v = {"0": "false", "1": "true"}.get(v, v) if k in flags else v
             ov += [f"--{m[k]}", v]
     return C.load(None, ov)
 

@@ -400,8 +400,8 @@ def validate(cfg: Config) -> None:
     if cfg.lora.enabled and cfg.lora.base_dtype == "bf16" and p.mixed_precision != "bf16":
         raise ConfigError("lora.base_dtype = bf16 needs parallel.mixed_precision = bf16 (fp32 compute can't use a bf16 base)")
     if p.fp8 and p.fp8_all_gather and not p.fp8_recipe.startswith("tensorwise"):
-        raise ConfigError(f"parallel.fp8_all_gather needs a tensorwise recipe (got parallel.fp8_recipe = {p.fp8_recipe}): "
-                          f"set parallel.fp8_all_gather = false, or parallel.fp8_recipe = tensorwise")
+        raise ConfigError(f"parallel.fp8_all_gather needs a tensorwise recipe (got parallel.fp8_recipe = "
+                          f"{p.fp8_recipe}): set parallel.fp8_all_gather = false, or parallel.fp8_recipe = tensorwise")
     if cfg.lora.enabled and p.fp8:
         raise ConfigError("lora.enabled with parallel.fp8 is not supported yet: turn one of them off")
     if cfg.lora.enabled and cfg.lora.rank < 1:

@@ -13,7 +13,8 @@ try:
 except ImportError:  # the fp8 extra: .ci/run installs it
     ScalingGranularity = ScalingType = None
 
-needs_torchao = pytest.mark.skipif(ScalingType is None, reason="torchao (pip install 'fluxtrain[fp8]') is not installed")
+needs_torchao = pytest.mark.skipif(ScalingType is None,
+                                   reason="torchao (pip install 'fluxtrain[fp8]') is not installed")
 
 
 def convert(recipe: str, all_gather: bool = False) -> torch.nn.Module:
@@ -55,4 +56,5 @@ def test_rowwise_recipes_scale_per_row(recipe):
 
 def test_fp8_all_gather_with_a_rowwise_recipe_is_refused():
     with pytest.raises(C.ConfigError, match="fp8_all_gather needs a tensorwise recipe"):
-        C.load(None, ["--parallel.fp8", "true", "--parallel.fp8_recipe", "rowwise", "--parallel.fp8_all_gather", "true"])
+        C.load(None, ["--parallel.fp8", "true", "--parallel.fp8_recipe", "rowwise",
+                      "--parallel.fp8_all_gather", "true"])
