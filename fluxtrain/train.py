@@ -156,13 +156,13 @@ def clip_and_step(model, opt, sched, max_norm: float, cfg: C.Config, ema=None, s
         norm = read()
     else:
         norm = float(total)
-        if max_norm > 0 and math.isfinite(norm):
-            torch.nn.utils.clip_grads_with_norm_([p for p in model.parameters() if p.grad is not None], max_norm,
-                                                 total, foreach=True)
+        if math.isfinite(norm):
+            if max_norm > 0:
+                torch.nn.utils.clip_grads_with_norm_([p for p in model.parameters() if p.grad is not None],
+                                                     max_norm, total, foreach=True)
+            opt.step()
     ok = math.isfinite(norm)
     if ok:
-        if not fused:
-            opt.step()
         after_optimizer_step(model, cfg)
         if ema is not None:
             ema.update(model, step)

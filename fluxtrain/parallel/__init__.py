@@ -82,7 +82,7 @@ def set_matmul_precision(device: torch.device, tf32: bool) -> None:
 
 
 def after_optimizer_step(model: torch.nn.Module, cfg: Config) -> None:
-    if cfg.parallel.fp8 and cfg.parallel.fp8_recipe.startswith("tensorwise") and cfg.parallel.fp8_all_gather:
+    if cfg.parallel.fp8 and cfg.parallel.fp8_all_gather:  # (config.validate allows it with tensorwise recipes only)
         from fluxtrain.parallel.fp8 import after_optimizer_step as fp8_step
 
         fp8_step(model)
