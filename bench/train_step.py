@@ -47,6 +47,8 @@ def variant_config(base: list[str], spec: dict) -> C.Config:
          "reshard_last": "parallel.reshard_last_block", "fp8": "parallel.fp8", "attn": "model.attention_backend",
          "fp8_recipe": "parallel.fp8_recipe", "fp8_ag": "parallel.fp8_all_gather"}
     for k, v in spec.items():
+        if k not in m and k not in ("lora", "rep"):  # rep=N only labels a repeated variant
+            raise SystemExit(f"unknown variant key {k!r}; known: {', '.join(sorted([*m, 'lora', 'rep']))}")
         if k == "lora":  # LoRA of this rank on a frozen bf16 base
             ov += ["--lora.enabled", "true", "--lora.rank", v, "--lora.alpha", v, "--lora.base_dtype", "bf16"]
         if k in m:
@@ -143,7 +145,7 @@ def run_variant(D, args, spec: dict) -> dict:
     row = dict(variant=",".join(f"{k}={v}" for k, v in spec.items()) or "default", gpus=D.world_size, batch=b,
                step_s=step, samples_s_gpu=b / step, tflops_gpu=tflops, mfu=tflops / pk, peak_gib=float(peak),
                reserved_gib=reserved, cpu_threads=threads, init_s=init_s, init_gib=init_gib, steady_gib=steady_gib,
-               loss_first=losses[0], loss_last=losses[-1])
+               loss_first=losses[0], loss_last=losses[-1], step_times=[round(x, 4) for x in times])
     if args.losses:
         row["losses"] = losses
     if profile:
@@ -191,6 +193,8 @@ def main() -> int:
                  "--train.batch_size", str(args.batch), "--model.max_text_tokens", str(args.text_tokens),
                  "--train.device", args.device, "--optim.fused", "true"]
     base_cfg = C.load(None, args.base)
+    for v in args.variants:  # a typo in a variant fails here, before any process group or model
+        variant_config(args.base, dict(kv.split("=", 1) for kv in v.split(",") if kv))
     D = pmesh.init(base_cfg)
     card = torch.cuda.get_device_name(D.device) if D.device.type == "cuda" else "CPU"
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -211,8 +215,8 @@ def main() -> int:
         rows.append(row)
         if D.is_main:
             print(json.dumps({k: v for k, v in row.items() if k != "losses"}), flush=True)
-    if D.is_main and args.losses:
-        Path(args.losses).write_text(json.dumps({r["variant"]: r.get("losses") for r in rows}))
+        if D.is_main and args.losses:  # after every variant: a run cut short keeps what it measured
+            Path(args.losses).write_text(json.dumps({r["variant"]: r.get("losses") for r in rows}))
     if D.is_main:
         date = datetime.date.today().isoformat()
         head = (f"\n### {date} · {card} × {D.world_size} · commit {commit} · {args.preset} {args.resolution}² "
