@@ -45,14 +45,15 @@ def variant_config(base: list[str], spec: dict) -> C.Config:
          "compile": "train.compile", "strategy": "parallel.strategy", "offload": "parallel.cpu_offload",
          "mp": "parallel.mixed_precision", "batch": "train.batch_size", "prefetch": "parallel.forward_prefetch", "bprefetch": "parallel.backward_prefetch",
          "reshard_last": "parallel.reshard_last_block", "fp8": "parallel.fp8", "attn": "model.attention_backend",
-         "fp8_recipe": "parallel.fp8_recipe", "fp8_ag": "parallel.fp8_all_gather"}
+         "fp8_recipe": "parallel.fp8_recipe", "fp8_ag": "parallel.fp8_all_gather",
+         "ooff": "parallel.optimizer_offload"}
     for k, v in spec.items():
         if k not in m and k not in ("lora", "rep"):  # rep=N only labels a repeated variant
             raise SystemExit(f"unknown variant key {k!r}; known: {', '.join(sorted([*m, 'lora', 'rep']))}")
         if k == "lora":  # LoRA of this rank on a frozen bf16 base
             ov += ["--lora.enabled", "true", "--lora.rank", v, "--lora.alpha", v, "--lora.base_dtype", "bf16"]
         if k in m:
-            flags = ("compile", "offload", "ac_ops", "reshard_last", "fp8", "fp8_ag")
+            flags = ("compile", "offload", "ac_ops", "reshard_last", "fp8", "fp8_ag", "ooff")
             v = {"0": "false", "1": "true"}.get(v, v) if k in flags else v
             ov += [f"--{m[k]}", v]
     return C.load(None, ov)
@@ -87,12 +88,14 @@ def run_variant(D, args, spec: dict) -> dict:
     cfg = variant_config(args.base, {"attn": args.attn, **spec})
     threads = set_cpu_threads(cfg)  # the offloaded optimizer's threads, as the trainer sets them
     cuda = D.device.type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    # the compute stream only: it ends each step with FSDP's reduce-scatters and the optimizer waited for, while
+    # an offloaded optimizer's copies (parallel.optimizer_offload) may run on into the next step's forward, as in training
+    sync = (lambda: torch.cuda.current_stream().synchronize()) if cuda else (lambda: None)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t_init = time.perf_counter()
     model = build_training_model(cfg, D.mesh, D.device)
-    opt = build_optimizer(model.parameters(), cfg.optim)
+    opt = build_optimizer(model.parameters(), cfg.optim, model if cfg.parallel.optimizer_offload else None)
     sched = build_scheduler(opt, 1000, cfg.optim)
     init_s = time.perf_counter() - t_init
     # what is resident before the first step (weights, shards, LoRA) vs after the last: where a peak comes from

@@ -43,6 +43,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_optimizer_state_dict)
 
 from fluxtrain.config import CheckpointConfig
+from fluxtrain.optim import flush
 
 DONE = "COMPLETE"
 
@@ -364,6 +365,8 @@ class Checkpointer:
 
     # ---- save -----------------------------------------------------------------------------------------------
     def _app_state(self, model, opt, sched) -> dict:
+        if opt is not None:
+            flush(opt)  # an offloaded optimizer's queued step lands before the weights and moments are read
         state = {"model": get_model_state_dict(model, options=self.model_options)}
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()

@@ -110,6 +110,9 @@ class ParallelConfig:
     ac_every: int = 2
     ac_ops: bool = False
     cpu_offload: bool = False
+    # only the AdamW moments (8 of 16 bytes per parameter) in pinned host memory, streamed through the GPU one block at
+    # a time behind the next forward; weights, gradients and the fused step stay on the GPU (exact AdamW)
+    optimizer_offload: bool = False
     # intra-op threads for this rank's CPU work. 0 = auto: with cpu_offload (the optimizer step runs on the CPU),
     # the cores this rank may use ÷ the ranks on its node, since torchrun sets OMP_NUM_THREADS=1 and the offloaded
     # AdamW over billions of parameters then runs on one core; without offload, torch's default.
@@ -386,6 +389,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.source = {d.source} needs data.path (a shard glob, brace pattern or URL list)")
     if p.cpu_offload and p.strategy == "NO_SHARD":
         raise ConfigError("parallel.cpu_offload needs a sharded strategy: use FULL_SHARD or SHARD_GRAD_OP with offload")
+    if p.optimizer_offload and p.cpu_offload:
+        raise ConfigError("parallel.optimizer_offload and parallel.cpu_offload both move the optimizer state to the host: "
+                          "choose one (cpu_offload also moves weights and gradients, and steps on the CPU)")
+    if p.optimizer_offload and not cfg.optim.fused:
+        raise ConfigError("parallel.optimizer_offload streams through the fused AdamW kernel: set optim.fused = true")
     if p.shard_size and p.strategy != "HYBRID_SHARD":
         raise ConfigError("parallel.shard_size only applies to HYBRID_SHARD: remove it or set parallel.strategy = HYBRID_SHARD")
     if p.shard_size < 0:
@@ -414,6 +422,8 @@ def validate(cfg: Config) -> None:
             why = "train.itc_weight > 0 (its second forward would overwrite the graphs' outputs)"
         elif t.grad_accum > 1:  # seen on an H200: "accessing tensor output of CUDAGraphs that has been overwritten"
             why = "train.grad_accum > 1 (the next micro-batch's replay overwrites outputs the backward still needs)"
+        elif p.optimizer_offload:
+            why = "parallel.optimizer_offload waits for each block's update in a hook outside the graphs"
         elif p.mixed_precision != "fp32" or p.cpu_offload:
             why = "FSDP's hooks can't run inside a CUDA graph, and bf16 or CPU offload train under FSDP"
         if why:

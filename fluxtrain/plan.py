@@ -15,6 +15,8 @@ per 1024² sample in full fine-tuning and in LoRA alike.
 
 CPU offload: the states live on the host; the GPU holds the live blocks' fp32 shards copied in for the all-gather and
 the running block's sharded fp32 gradient on its way out (calibrated on the one measured row: 4.0 GiB, 2 × H200).
+Optimizer offload (`parallel.optimizer_offload`): only AdamW's m and v (8 B/param) leave the GPU; it keeps two
+staging slots of the largest block's sharded m and v, which the moments stream through.
 """
 
 from __future__ import annotations
@@ -92,11 +94,15 @@ def predict(cfg: C.Config, gpus: int, kw: dict | None = None) -> Plan:
         states, grads = (base_bytes * n + 12 * adapters) / shard, 4 * adapters / shard
     if p.cpu_offload:
         states = grads = 0.0
+    if p.optimizer_offload and not lc.enabled:
+        states -= 8 * n / shard
     pbytes = 2 if p.mixed_precision == "bf16" else 4
     live_blocks = 1 + max(p.forward_prefetch, p.backward_prefetch)
     buffers = block * pbytes * live_blocks  # gathered params of the running and the prefetched block
     if p.cpu_offload:
         buffers += block * 4 / shard * (live_blocks + 1)
+    if p.optimizer_offload:
+        buffers += 2 * 8 * block / shard  # the two staging slots
     if p.strategy == "SHARD_GRAD_OP":
         buffers += n * pbytes  # parameters stay gathered between forward and backward
     d = kw["num_attention_heads"] * kw["attention_head_dim"]
@@ -118,14 +124,16 @@ def _with(cfg: C.Config, **over) -> C.Config:
 
 
 def recommend(cfg: C.Config, gpus: int, gpu_mem_gib: float, margin: float = 0.92) -> tuple[C.Config, Plan] | None:
-    """The fastest (AC mode, compile, offload) that fits `margin` of the GPU memory, or None."""
+    """The fastest (AC mode, compile, offload) that fits `margin` of the GPU memory, or None. Offload is the last
+    resort, the optimizer moments alone first (their copies hide behind the forward), then everything."""
     modes = {"ops": dict(activation_checkpointing="selective", ac_ops=True),
              "every2": dict(activation_checkpointing="selective", ac_ops=False, ac_every=2),
              "none": dict(activation_checkpointing="none"), "full": dict(activation_checkpointing="full")}
-    for offload in (False, True):
+    for opt_off, offload in ((False, False), (True, False), (False, True)):
         for mode, compiled in SPEED_ORDER:
             over = {f"parallel.{k}": v for k, v in modes[mode].items()}
-            cand = _with(cfg, **over, **{"train.compile": compiled, "parallel.cpu_offload": offload})
+            cand = _with(cfg, **over, **{"train.compile": compiled, "parallel.cpu_offload": offload,
+                                         "parallel.optimizer_offload": opt_off})
             plan = predict(cand, gpus)
             if plan.total_gib <= margin * gpu_mem_gib:
                 return cand, plan
@@ -158,5 +166,5 @@ def main(argv: list[str]) -> int:
     print(f"fastest that fits: --parallel.activation_checkpointing {p.activation_checkpointing}"
           + (" --parallel.ac_ops true" if p.ac_ops and p.activation_checkpointing == "selective" else "")
           + f" --train.compile {str(best.train.compile).lower()} --parallel.cpu_offload {str(p.cpu_offload).lower()}"
-          f"  ({bp.total_gib:.1f} GiB)")
+          + (" --parallel.optimizer_offload true" if p.optimizer_offload else "") + f"  ({bp.total_gib:.1f} GiB)")
     return 0

@@ -17,7 +17,7 @@ from fluxtrain.checkpoint import Checkpointer, find_resume
 from fluxtrain.data.loader import build_loader
 from fluxtrain.metrics import MetricsWriter, Throughput, flux_flops_per_sample, memory_stats, setup_logging
 from fluxtrain.models.setup import build_training_model, encoders_folder, model_kwargs
-from fluxtrain.optim import build_optimizer, build_scheduler
+from fluxtrain.optim import build_optimizer, build_scheduler, flush
 from fluxtrain.parallel import after_optimizer_step, set_cpu_threads, set_matmul_precision, wants_fsdp
 from fluxtrain.parallel import mesh as pmesh
 from fluxtrain.parallel.attention import resolve_backend
@@ -163,6 +163,8 @@ def clip_and_step(model, opt, sched, max_norm: float, cfg: C.Config, ema=None, s
             opt.step()
     ok = math.isfinite(norm)
     if ok:
+        if ema is not None or cfg.parallel.fp8_all_gather:
+            flush(opt, host=False)  # both read the weights outside a forward
         after_optimizer_step(model, cfg)
         if ema is not None:
             ema.update(model, step)
@@ -228,7 +230,7 @@ def _train(cfg: C.Config, D: pmesh.Dist, run_dir: Path, log) -> dict:
              f"({threads} CPU threads), attention "
              f"{resolve_backend(cfg.model.attention_backend, D.device.type, cfg.parallel.mixed_precision)}")
     model = build_training_model(cfg, D.mesh, D.device)
-    opt = build_optimizer(model.parameters(), cfg.optim)
+    opt = build_optimizer(model.parameters(), cfg.optim, model if cfg.parallel.optimizer_offload else None)
     sched = build_scheduler(opt, tc.steps, cfg.optim)
     data = build_loader(cfg, D.rank, D.world_size)
     enc = Encoders(cfg, D.device, data)
@@ -330,6 +332,7 @@ def _train(cfg: C.Config, D: pmesh.Dist, run_dir: Path, log) -> dict:
         prof.step(step)
     prof.close()
     ckpt.wait()
+    flush(opt)  # the last step's update, before the sample grid's EMA swap or the LoRA export reads the weights
     if not stopping and (not cfg.eval.interval or tc.steps % cfg.eval.interval):
         _sample_grid(model, enc, cfg, run_dir, tc.steps, D, metrics, ema)
     if cfg.lora.enabled and not stopping:  # the adapters in the format FluxPipeline.load_lora_weights reads

@@ -64,6 +64,12 @@ def test_states_follow_the_arithmetic():
     assert predict(cfg, 8).grads_gib == pytest.approx(4 * n / 8 / 2**30)
     no = C.load(None, BASE + ["--parallel.strategy", "NO_SHARD"])
     assert predict(no, 8).states_gib == pytest.approx(12 * n / 2**30)
+    # optimizer offload: m and v (8 bytes) leave, two staging slots of the largest block's sharded m and v come
+    off = predict(C.load(None, BASE + ["--parallel.optimizer_offload", "true"]), 4)
+    assert off.states_gib == pytest.approx(4 * n / 4 / 2**30)
+    assert off.grads_gib == predict(cfg, 4).grads_gib
+    double_block = 339_831_296  # flux-dev's largest unit
+    assert off.buffers_gib - predict(cfg, 4).buffers_gib == pytest.approx(2 * 8 * double_block / 4 / 2**30)
 
 
 def test_the_backward_trades_activations_for_gradients_unless_accumulating():
@@ -89,6 +95,9 @@ def test_recommendations():
     # one 80 GB GPU can't hold 190 GB of states: only CPU offload fits
     cfg1, plan1 = recommend(guide, gpus=1, gpu_mem_gib=80)
     assert cfg1.parallel.cpu_offload
+    # two 80 GB GPUs: 95 GB of resident states each without offload; with the moments on the host it fits
+    cfg_h, plan_h = recommend(guide, gpus=2, gpu_mem_gib=80)
+    assert cfg_h.parallel.optimizer_offload and not cfg_h.parallel.cpu_offload and plan_h.total_gib <= 80
     # two H200s: the measured-fastest op-level selective AC with compile at batch 2
     two = C.load("configs/flux-dev.toml", ["--data.source", "cache", "--train.batch_size", "2"])
     cfg2, _ = recommend(two, gpus=2, gpu_mem_gib=140)

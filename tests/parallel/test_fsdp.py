@@ -37,6 +37,10 @@ def world2(tmp_path_factory):
         # a clip that acts every step: fused AdamW takes the coefficient as grad_scale, foreach AdamW clips the grads
         "clip_fused": ["--optim.grad_clip", "0.05"],
         "clip_foreach": ["--optim.grad_clip", "0.05", "--optim.fused", "false"],
+        # AdamW's moments on the host, each block's update deferred to its next forward: the same run
+        "opt_offload": ["--optim.grad_clip", "0.05", "--parallel.optimizer_offload", "true"],
+        "opt_offload_nan": ["--train.inject_nan_at_step", "3", "--train.inject_nan_rank", "1",
+                            "--parallel.optimizer_offload", "true"],
     })
     return out
 
@@ -65,6 +69,16 @@ def test_clip_folded_into_the_fused_optimizer_equals_clipping_the_gradients(worl
     assert_close(losses(world2 / "clip_fused"), losses(world2 / "clip_foreach"), EXACT, "clip")
     assert max(abs(a - b) for a, b in zip(losses(world2 / "clip_fused").values(),
                                           losses(world2 / "full").values())) > 1e-4  # the clip acted
+
+
+@pytest.mark.parametrize("name, ref", [("opt_offload", "clip_fused"), ("opt_offload_nan", "nan")])
+def test_optimizer_offload_does_not_change_losses(world2, name, ref):
+    got, want = losses(world2 / name), losses(world2 / ref)
+    assert got.keys() == want.keys() and len(got) == 10
+    if name.endswith("nan"):  # the planted NaN at step 3, skipped by both
+        assert math.isnan(got.pop(3)) and math.isnan(want.pop(3))
+    for s in got:
+        assert math.isfinite(got[s]) and got[s] == pytest.approx(want[s], rel=EXACT), (name, s)
 
 
 def test_losses_fall(world2):
