@@ -21,6 +21,9 @@ MEASURED = [
     # fp8 linears (tensorwise, bf16 all-gather; gpu_run24): the planner counts them as bf16, and the peak agrees
     (["--parallel.activation_checkpointing", "selective", "--parallel.ac_ops", "true", "--parallel.fp8", "true"],
      True, 2, 99.8),
+    # AdamW's moments on the host (parallel.optimizer_offload; gpu_run28)
+    (["--parallel.activation_checkpointing", "selective", "--parallel.ac_ops", "true",
+      "--parallel.optimizer_offload", "true"], True, 2, 57.7),
 ]
 # 4 GPUs (gpu_run22, gpu_run23)
 MEASURED_4 = [
@@ -29,6 +32,8 @@ MEASURED_4 = [
     (["--parallel.activation_checkpointing", "selective", "--parallel.ac_ops", "true"], True, 4, 97.9),
     (["--parallel.activation_checkpointing", "selective", "--parallel.ac_ops", "true", "--parallel.fp8", "true",
       "--parallel.fp8_recipe", "rowwise_with_gw_hp"], True, 4, 98.5),
+    (["--parallel.activation_checkpointing", "selective", "--parallel.ac_ops", "true",
+      "--parallel.optimizer_offload", "true"], True, 4, 77.0),
 ]
 BASE = ["--model.preset", "flux-dev", "--data.resolution", "1024", "--model.max_text_tokens", "512",
         "--data.source", "cache", "--data.path", "x"]
