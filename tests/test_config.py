@@ -20,6 +20,8 @@ def test_guide_aliases():
     (["--parallel.strategy", "FOO"], "must be one of"),
     (["--train.steps", "abc"], "train.steps"),
     (["--parallel.strategy", "NO_SHARD", "--parallel.cpu_offload", "true"], "cpu_offload"),
+    (["--parallel.optimizer_offload", "true", "--parallel.cpu_offload", "true"], "choose one"),
+    (["--parallel.optimizer_offload", "true", "--optim.fused", "false"], "optim.fused = true"),
     (["--data.resolution", "70"], "multiple of 16"),
     (["--data.source", "webdataset"], "needs data.path"),
     (["--train.steps", "0"], "≥ 1"),
