@@ -53,13 +53,22 @@ class OffloadedAdamW(torch.optim.AdamW):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True)
         self.device = _local(params[0]).device
         self.cuda = self.device.type == "cuda"
+        # each unit's (param, offset, numel) in its flat host buffers and staging slots, fixed for the run
+        self._layout: list[list[tuple[torch.nn.Parameter, int, int]]] = []
+        self._sizes: list[int] = []
+        for _, ps in self.units:
+            sizes = [_local(p).numel() for p in ps]
+            offs = [sum(sizes[:i]) for i in range(len(sizes))]
+            self._layout.append(list(zip(ps, offs, sizes)))
+            self._sizes.append(sum(sizes))
+        self._homed = [False] * len(self.units)  # moments in the host buffers (again false after a load)
         self._flat: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self.units)  # host m, v per unit
         self._pending: list[dict | None] = [None] * len(self.units)  # CPU: the update a unit still owes
         self._done: list[torch.cuda.Event | None] = [None] * len(self.units)
         self._last_out: torch.cuda.Event | None = None
         if self.cuda:
             self._h2d, self._upd, self._d2h = (torch.cuda.Stream(self.device) for _ in range(3))
-            size = max(sum(_local(p).numel() for p in ps) for _, ps in self.units)
+            size = max(self._sizes)
             # two slots: unit j+1's moments come in while unit j updates and unit j-1's go out
             self._slots = [torch.empty(2, size, device=self.device) for _ in range(2)]
             self._slot_free: list[torch.cuda.Event | None] = [None, None]
@@ -76,22 +85,20 @@ class OffloadedAdamW(torch.optim.AdamW):
     # -- state: each unit's moments are views of one pinned host buffer, its step count a tensor on the device --
     def _home(self, j: int) -> None:
         """Give unit j host-resident moments (zeros for a fresh optimizer; a loaded state dict's values, which
-        Optimizer.load_state_dict put on the parameters' device, are copied back to the host)."""
-        ps = self.units[j][1]
-        n = sum(_local(p).numel() for p in ps)
+        Optimizer.load_state_dict put on the parameters' device, are copied back to the host). Once per unit until
+        the next load: step() calls it for every unit."""
+        if self._homed[j]:
+            return
         if self._flat[j] is None:
-            self._flat[j] = tuple(torch.zeros(n, pin_memory=self.cuda) for _ in range(2))
-        m_flat, v_flat = self._flat[j]
-        off = 0
-        for p in ps:
-            k = _local(p).numel()
+            self._flat[j] = tuple(torch.zeros(self._sizes[j], pin_memory=self.cuda) for _ in range(2))
+        for p, off, k in self._layout[j]:
             st = self.state[p]
-            for key, flat in (("exp_avg", m_flat), ("exp_avg_sq", v_flat)):
+            for key, flat in zip(("exp_avg", "exp_avg_sq"), self._flat[j]):
                 view = flat[off:off + k].view_as(_local(p))
                 old = st.get(key)
-                if old is not None and _local(old).data_ptr() != view.data_ptr():
-                    view.copy_(_local(old))
                 if old is None or _local(old).data_ptr() != view.data_ptr():
+                    if old is not None:
+                        view.copy_(_local(old))
                     st[key] = _like(p, view)
                     if _local(st[key]).data_ptr() != view.data_ptr():
                         raise RuntimeError(f"optimizer_offload: {key} did not stay in host memory")
@@ -99,7 +106,7 @@ class OffloadedAdamW(torch.optim.AdamW):
                 st["step"] = torch.zeros((), dtype=torch.float32, device=self.device)
             elif st["step"].device != self.device:
                 st["step"] = st["step"].to(self.device)
-            off += k
+        self._homed[j] = True
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -115,12 +122,13 @@ class OffloadedAdamW(torch.optim.AdamW):
             ready.record()  # gradients, clip coefficient and skip flag are final on the compute stream
             if self._last_out is not None:  # the host buffers are read again only after the last step wrote them
                 self._h2d.wait_event(self._last_out)
-        for j, (_, ps) in enumerate(self.units):
-            ps = [p for p in ps if p.grad is not None]
-            if not ps:
+        for j, lay in enumerate(self._layout):
+            entries = [e for e in lay if e[0].grad is not None]
+            if not entries:
                 continue
             self._home(j)
-            job = dict(ps=ps, grads=[_local(p.grad) for p in ps], lr=float(g["lr"]), betas=g["betas"], eps=g["eps"],
+            ps = [p for p, _, _ in entries]
+            job = dict(entries=entries, ps=ps, grads=[_local(p.grad) for p in ps], lr=float(g["lr"]), betas=g["betas"], eps=g["eps"],
                        wd=g["weight_decay"], scale=scale, found=found)
             if self.cuda:
                 self._issue(j, job, ready)
@@ -136,21 +144,16 @@ class OffloadedAdamW(torch.optim.AdamW):
                   amsgrad=False, beta1=b1, beta2=b2, lr=job["lr"], weight_decay=job["wd"], eps=job["eps"],
                   maximize=False)
 
-    def _views(self, j: int, ps, base: torch.Tensor) -> list[torch.Tensor]:
-        out, off = [], 0
-        for p in self.units[j][1]:
-            k = _local(p).numel()
-            if any(q is p for q in ps):
-                out.append(base[off:off + k].view_as(_local(p)))
-            off += k
-        return out
+    @staticmethod
+    def _views(entries, base: torch.Tensor) -> list[torch.Tensor]:
+        return [base[off:off + k].view_as(_local(p)) for p, off, k in entries]
 
     def _issue(self, j: int, job: dict, ready: torch.cuda.Event) -> None:
         """Unit j on the three streams: host→slot, fused AdamW on the slot, slot→host."""
         slot_i = j % 2
         slot = self._slots[slot_i]
         m_flat, v_flat = self._flat[j]
-        n = m_flat.numel()
+        n = self._sizes[j]
         with torch.cuda.stream(self._h2d):
             if self._slot_free[slot_i] is not None:
                 self._h2d.wait_event(self._slot_free[slot_i])
@@ -161,7 +164,7 @@ class OffloadedAdamW(torch.optim.AdamW):
         with torch.cuda.stream(self._upd):
             self._upd.wait_event(ready)
             self._upd.wait_event(arrived)
-            self._adamw(job, self._views(j, job["ps"], slot[0]), self._views(j, job["ps"], slot[1]))
+            self._adamw(job, self._views(job["entries"], slot[0]), self._views(job["entries"], slot[1]))
             for t in job["grads"] + [x for x in (job["scale"], job["found"]) if x is not None]:
                 t.record_stream(self._upd)  # freed by zero_grad on the compute stream: not reused before this runs
             done = torch.cuda.Event()
@@ -183,9 +186,8 @@ class OffloadedAdamW(torch.optim.AdamW):
                 torch.cuda.current_stream(self.device).wait_event(self._done[j])
                 self._done[j] = None
         elif self._pending[j] is not None:
-            job, self._pending[j] = self._pending[j], None
-            self._adamw(job, [_local(self.state[p]["exp_avg"]) for p in job["ps"]],
-                        [_local(self.state[p]["exp_avg_sq"]) for p in job["ps"]])
+            job, self._pending[j] = self._pending[j], None  # on the host buffers, as the GPU path copies them
+            self._adamw(job, *(self._views(job["entries"], flat) for flat in self._flat[j]))
 
     def flush(self, host: bool = True) -> None:
         """Every queued update is seen by the compute stream (EMA, fp8 scales read the weights next) and, with
@@ -202,6 +204,7 @@ class OffloadedAdamW(torch.optim.AdamW):
     def load_state_dict(self, state_dict):
         self.flush()
         super().load_state_dict(state_dict)
-        for j in range(len(self.units)):  # loaded moments land on the parameters' device: back to the host
-            if any(p in self.state for p in self.units[j][1]):
+        self._homed = [False] * len(self.units)
+        for j, (_, ps) in enumerate(self.units):  # loaded moments land on the parameters' device: back to the host
+            if any(p in self.state for p in ps):
                 self._home(j)
