@@ -84,6 +84,7 @@ def predict(cfg: C.Config, gpus: int, kw: dict | None = None) -> Plan:
     p = cfg.parallel
     shard = {"NO_SHARD": 1, "HYBRID_SHARD": p.shard_size or min(gpus, 8)}.get(p.strategy, gpus)
     states, grads = 12 * n / shard, 4 * n / shard
+    trained = n  # parameters with AdamW moments
     lc = cfg.lora
     if lc.enabled:
         from fluxtrain import lora
@@ -92,10 +93,11 @@ def predict(cfg: C.Config, gpus: int, kw: dict | None = None) -> Plan:
         adapters = sum(q.numel() for q in m.parameters()) - n
         base_bytes = 2 if lc.base_dtype == "bf16" else 4
         states, grads = (base_bytes * n + 12 * adapters) / shard, 4 * adapters / shard
+        trained = adapters
     if p.cpu_offload:
         states = grads = 0.0
-    if p.optimizer_offload and not lc.enabled:
-        states -= 8 * n / shard
+    if p.optimizer_offload:
+        states -= 8 * trained / shard
     pbytes = 2 if p.mixed_precision == "bf16" else 4
     live_blocks = 1 + max(p.forward_prefetch, p.backward_prefetch)
     buffers = block * pbytes * live_blocks  # gathered params of the running and the prefetched block

@@ -75,6 +75,11 @@ def test_states_follow_the_arithmetic():
     assert off.grads_gib == predict(cfg, 4).grads_gib
     double_block = 339_831_296  # flux-dev's largest unit
     assert off.buffers_gib - predict(cfg, 4).buffers_gib == pytest.approx(2 * 8 * double_block / 4 / 2**30)
+    # with LoRA only the adapters have moments: those are what leaves
+    lora = BASE + ["--lora.enabled", "true", "--lora.rank", "16"]
+    lora_states = predict(C.load(None, lora), 4).states_gib
+    lora_off = predict(C.load(None, lora + ["--parallel.optimizer_offload", "true"]), 4).states_gib
+    assert 0 < lora_states - lora_off < 0.1 * lora_states
 
 
 def test_the_backward_trades_activations_for_gradients_unless_accumulating():
