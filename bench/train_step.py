@@ -4,8 +4,8 @@
         --variants "ac=full" "ac=full,compile=1" "ac=selective,ac_every=2" "ac=none,compile=1"
 
 Each variant is `key=value` pairs over: ac (none|full|selective), ac_every, ac_ops, compile (0|1), strategy,
-offload (0|1), mp (bf16|fp32), attn (flash|efficient|cudnn|math|auto), fp8 (0|1), fp8_recipe (tensorwise|rowwise),
-batch, prefetch,
+offload (0|1), ooff (0|1: parallel.optimizer_offload), mp (bf16|fp32), attn (flash|efficient|cudnn|math|auto),
+fp8 (0|1), fp8_recipe (tensorwise|rowwise|…), fp8_ag (0|1), batch, prefetch, rep (a label for a repeated variant),
 lora (rank; frozen bf16 base). All variants run in
 one process launch (model rebuilt per variant, on the meta device, random weights), so rows compare on one machine.
 Inputs are random latents and text embeddings (frozen encoders are off the hot path: `data.source = cache`).

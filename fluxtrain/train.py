@@ -163,8 +163,8 @@ def clip_and_step(model, opt, sched, max_norm: float, cfg: C.Config, ema=None, s
             opt.step()
     ok = math.isfinite(norm)
     if ok:
-        if ema is not None or cfg.parallel.fp8_all_gather:
-            flush(opt, host=False)  # both read the weights outside a forward
+        if ema is not None or (cfg.parallel.fp8 and cfg.parallel.fp8_all_gather):
+            flush(opt, host=False)  # both read the weights outside a forward (fp8: after_optimizer_step's scales)
         after_optimizer_step(model, cfg)
         if ema is not None:
             ema.update(model, step)
@@ -227,6 +227,7 @@ def _train(cfg: C.Config, D: pmesh.Dist, run_dir: Path, log) -> dict:
     tf32 = " (TF32 matmuls)" if D.device.type == "cuda" and cfg.parallel.tf32 else ""
     log.info(f"world {D.world_size} on {D.device}, {sharding}, {cfg.parallel.mixed_precision}{tf32}, "
              f"AC {cfg.parallel.activation_checkpointing}, offload {cfg.parallel.cpu_offload} "
+             f"(optimizer moments only: {cfg.parallel.optimizer_offload}) "
              f"({threads} CPU threads), attention "
              f"{resolve_backend(cfg.model.attention_backend, D.device.type, cfg.parallel.mixed_precision)}")
     model = build_training_model(cfg, D.mesh, D.device)
