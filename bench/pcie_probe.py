@@ -45,8 +45,10 @@ def main() -> None:
             with ctx.Manager() as m:
                 out, barrier = m.dict(), m.Barrier(gpus)
                 procs = [ctx.Process(target=probe, args=(r, a.gib, mode, barrier, out)) for r in range(gpus)]
-                [p.start() for p in procs]
-                [p.join() for p in procs]
+                for p in procs:
+                    p.start()
+                for p in procs:
+                    p.join()
                 rates = [round(out[r], 1) for r in range(gpus)]
             print(json.dumps({"gpus": gpus, "mode": mode, "GB_s_per_gpu_per_direction": rates}), flush=True)
 
