@@ -9,6 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # Small and fast: 2 samples per rank, 10 steps, sampling grid of one prompt with 2 Euler steps, fp32 for exactness.
@@ -16,6 +19,9 @@ FAST = ["--train.steps", "10", "--train.batch_size", "2", "--parallel.mixed_prec
         "--eval.prompts", '["a red circle"]', "--eval.num_inference_steps", "2", "--log.interval", "1",
         "--checkpoint.interval", "1000", "--checkpoint.async_save", "false", "--log.progress", "none",
         "--optim.warmup_steps", "0", "--log.trackers", '["jsonl"]']
+
+# parametrize over devices: the CPU always, a GPU where there is one
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
 
 
 def free_port() -> int:

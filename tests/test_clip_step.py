@@ -9,8 +9,7 @@ import torch
 from fluxtrain import config as C
 from fluxtrain.optim import build_optimizer, build_scheduler
 from fluxtrain.train import clip_and_step
-
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+from tests.helpers import DEVICES
 
 
 def run(device: str, fused: bool, max_norm: float) -> tuple[list[torch.Tensor], list[float], list[bool], set]:

@@ -15,8 +15,7 @@ from fluxtrain.models.presets import transformer_kwargs
 from fluxtrain.optim import build_optimizer, build_scheduler, flush
 from fluxtrain.parallel.fsdp import blocks
 from fluxtrain.train import clip_and_step
-
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+from tests.helpers import DEVICES
 
 
 def make(device: str, offload: bool, max_norm: float = 0.05):
