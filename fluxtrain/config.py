@@ -113,6 +113,9 @@ class ParallelConfig:
     # only the AdamW moments (8 of 16 bytes per parameter) in pinned host memory, streamed through the GPU one block at
     # a time behind the next forward; weights, gradients and the fused step stay on the GPU (exact AdamW)
     optimizer_offload: bool = False
+    # the GPU ring the offloaded moments pass through (0 = the least: two blocks' shards). More lets the next step's
+    # copies in run under this step's forward and backward: GPU memory for speed (`fluxtrain plan` sizes it)
+    optimizer_offload_buffer_gib: float = 0.0
     # intra-op threads for this rank's CPU work. 0 = auto: with cpu_offload (the optimizer step runs on the CPU),
     # the cores this rank may use ÷ the ranks on its node, since torchrun sets OMP_NUM_THREADS=1 and the offloaded
     # AdamW over billions of parameters then runs on one core; without offload, torch's default.
@@ -394,6 +397,8 @@ def validate(cfg: Config) -> None:
                           "choose one (cpu_offload also moves weights and gradients, and steps on the CPU)")
     if p.optimizer_offload and not cfg.optim.fused:
         raise ConfigError("parallel.optimizer_offload streams through the fused AdamW kernel: set optim.fused = true")
+    if p.optimizer_offload_buffer_gib < 0:
+        raise ConfigError(f"parallel.optimizer_offload_buffer_gib must be >= 0 (0 = the least), got {p.optimizer_offload_buffer_gib}")
     if p.shard_size and p.strategy != "HYBRID_SHARD":
         raise ConfigError("parallel.shard_size only applies to HYBRID_SHARD: remove it or set parallel.strategy = HYBRID_SHARD")
     if p.shard_size < 0:

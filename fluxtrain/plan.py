@@ -15,8 +15,10 @@ per 1024² sample in full fine-tuning and in LoRA alike.
 
 CPU offload: the states live on the host; the GPU holds the live blocks' fp32 shards copied in for the all-gather and
 the running block's sharded fp32 gradient on its way out (calibrated on the one measured row: 4.0 GiB, 2 × H200).
-Optimizer offload (`parallel.optimizer_offload`): only AdamW's m and v (8 B/param) leave the GPU; it keeps two
-staging slots of the largest block's sharded m and v, which the moments stream through.
+Optimizer offload (`parallel.optimizer_offload`): only AdamW's m and v (8 B/param) leave the GPU; they stream through
+a ring on the GPU of `parallel.optimizer_offload_buffer_gib`, at least two of the largest block's sharded m and v.
+`recommend` gives the ring whatever memory is left: the more of the next step's moments it holds, the fewer copies
+the forward waits for.
 """
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ def predict(cfg: C.Config, gpus: int, kw: dict | None = None) -> Plan:
     if p.cpu_offload:
         buffers += block * 4 / shard * (live_blocks + 1)
     if p.optimizer_offload:
-        buffers += 2 * 8 * block / shard  # the two staging slots
+        buffers += max(2 * 8 * block / shard, p.optimizer_offload_buffer_gib * GIB)  # the ring
     if p.strategy == "SHARD_GRAD_OP":
         buffers += n * pbytes  # parameters stay gathered between forward and backward
     d = kw["num_attention_heads"] * kw["attention_head_dim"]
@@ -138,8 +140,18 @@ def recommend(cfg: C.Config, gpus: int, gpu_mem_gib: float, margin: float = 0.92
                                          "parallel.optimizer_offload": opt_off})
             plan = predict(cand, gpus)
             if plan.total_gib <= margin * gpu_mem_gib:
-                return cand, plan
+                return (_bigger_ring(cand, plan, gpus, margin * gpu_mem_gib) if opt_off else (cand, plan))
     return None
+
+
+def _bigger_ring(cfg: C.Config, plan: Plan, gpus: int, budget_gib: float) -> tuple[C.Config, Plan]:
+    """The offloaded moments' ring grown in whole GiB into the memory left under the budget."""
+    ring = plan.buffers_gib - predict(_with(cfg, **{"parallel.optimizer_offload": False}), gpus).buffers_gib
+    grown = int(ring + budget_gib - plan.total_gib)
+    if grown <= ring:
+        return cfg, plan
+    cand = _with(cfg, **{"parallel.optimizer_offload_buffer_gib": float(grown)})
+    return cand, predict(cand, gpus)
 
 
 def main(argv: list[str]) -> int:
@@ -168,5 +180,6 @@ def main(argv: list[str]) -> int:
     print(f"fastest that fits: --parallel.activation_checkpointing {p.activation_checkpointing}"
           + (" --parallel.ac_ops true" if p.ac_ops and p.activation_checkpointing == "selective" else "")
           + f" --train.compile {str(best.train.compile).lower()} --parallel.cpu_offload {str(p.cpu_offload).lower()}"
-          + (" --parallel.optimizer_offload true" if p.optimizer_offload else "") + f"  ({bp.total_gib:.1f} GiB)")
+          + (f" --parallel.optimizer_offload true --parallel.optimizer_offload_buffer_gib {p.optimizer_offload_buffer_gib:g}"
+             if p.optimizer_offload else "") + f"  ({bp.total_gib:.1f} GiB)")
     return 0

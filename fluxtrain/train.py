@@ -231,7 +231,7 @@ def _train(cfg: C.Config, D: pmesh.Dist, run_dir: Path, log) -> dict:
              f"({threads} CPU threads), attention "
              f"{resolve_backend(cfg.model.attention_backend, D.device.type, cfg.parallel.mixed_precision)}")
     model = build_training_model(cfg, D.mesh, D.device)
-    opt = build_optimizer(model.parameters(), cfg.optim, model if cfg.parallel.optimizer_offload else None)
+    opt = build_optimizer(model.parameters(), cfg.optim, model if cfg.parallel.optimizer_offload else None, cfg.parallel)
     sched = build_scheduler(opt, tc.steps, cfg.optim)
     data = build_loader(cfg, D.rank, D.world_size)
     enc = Encoders(cfg, D.device, data)

@@ -33,7 +33,9 @@ def free_port() -> int:
 def env(**extra) -> dict:
     e = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_",
                                                                     "TORCHELASTIC", "SLURM_"))}
-    e.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **extra)
+    # the repo first, then whatever the caller had (a GPU image's extra site folder)
+    path = [str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])
+    e.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(path), **extra)
     return e
 
 

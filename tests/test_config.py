@@ -22,6 +22,7 @@ def test_guide_aliases():
     (["--parallel.strategy", "NO_SHARD", "--parallel.cpu_offload", "true"], "cpu_offload"),
     (["--parallel.optimizer_offload", "true", "--parallel.cpu_offload", "true"], "choose one"),
     (["--parallel.optimizer_offload", "true", "--optim.fused", "false"], "optim.fused = true"),
+    (["--parallel.optimizer_offload", "true", "--parallel.optimizer_offload_buffer_gib", "-1"], "must be >= 0"),
     (["--data.resolution", "70"], "multiple of 16"),
     (["--data.source", "webdataset"], "needs data.path"),
     (["--train.steps", "0"], "≥ 1"),

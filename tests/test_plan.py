@@ -3,7 +3,7 @@
 import pytest
 
 from fluxtrain import config as C
-from fluxtrain.plan import predict, recommend
+from fluxtrain.plan import _with, predict, recommend
 
 # (AC overrides, compile, batch/GPU, measured peak GiB allocated): 2 GPUs
 MEASURED = [
@@ -107,7 +107,11 @@ def test_recommendations():
     assert cfg1.parallel.cpu_offload
     # two 80 GB GPUs: 95 GB of resident states each without offload; with the moments on the host it fits
     cfg_h, plan_h = recommend(guide, gpus=2, gpu_mem_gib=80)
-    assert cfg_h.parallel.optimizer_offload and not cfg_h.parallel.cpu_offload and plan_h.total_gib <= 80
+    assert cfg_h.parallel.optimizer_offload and not cfg_h.parallel.cpu_offload and plan_h.total_gib <= 0.92 * 80
+    # the memory left goes to the moments' ring, in whole GiB
+    least = predict(_with(cfg_h, **{"parallel.optimizer_offload_buffer_gib": 0.0}), 2)
+    assert least.total_gib < 0.92 * 80 - 2 and cfg_h.parallel.optimizer_offload_buffer_gib >= 2
+    assert 0.92 * 80 - 1 < plan_h.total_gib
     # two H200s: the measured-fastest op-level selective AC with compile at batch 2
     two = C.load("configs/flux-dev.toml", ["--data.source", "cache", "--train.batch_size", "2"])
     cfg2, _ = recommend(two, gpus=2, gpu_mem_gib=140)

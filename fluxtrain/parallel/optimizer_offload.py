@@ -8,12 +8,20 @@ forward order) three streams pipeline the work: copy the unit's moments in, upda
 
 The step is exact AdamW (clip coefficient and non-finite skip included), not a delayed update: it is queued when the
 trainer calls `step()` and each unit's forward pre-hook makes the compute stream wait for that unit's update only, so
-the copies overlap the next step's forward instead of stalling before it. Anything else that reads the weights or
-the moments (checkpoint, EMA, export) calls `flush()` first. On a CPU there is nothing to stream: the update of a
+the copies overlap the next step's forward instead of stalling before it. The hook also holds FSDP2's all-gather
+streams, which otherwise read a block's sharded weights as soon as the host reaches it. Anything else that reads the
+weights or the moments (checkpoint, EMA, export) calls `flush()` first.
+
+The moments pass through a ring buffer on the GPU (`parallel.optimizer_offload_buffer_gib`; at least two units). Right
+after a step is queued, as many units of the next step as the ring holds are copied in again, behind that step's
+copies out: those copies run under the forward and backward instead of holding up the next forward. A bigger ring
+trades GPU memory for hidden copies. On a CPU there is nothing to stream: the update of a
 unit is then deferred to the same hook (or `flush()`), which is how the CPU tests exercise the ordering.
 """
 
 from __future__ import annotations
+
+from collections import deque
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -43,17 +51,73 @@ def units(model: torch.nn.Module) -> list[tuple[torch.nn.Module, list[torch.nn.P
     return [(model, root)] + [(b, [p for p in b.parameters() if p.requires_grad]) for b in bl]
 
 
-class OffloadedAdamW(torch.optim.AdamW):
-    """torch's AdamW (state dict, LR scheduler, DCP checkpoints unchanged) whose `step()` streams the moments."""
+def _gather_streams(modules) -> list:
+    """FSDP2's all-gather streams (shared by one model's FSDP modules). In the forward they wait for the compute
+    stream only in the root's pre-forward, then copy each block's sharded weights in as soon as the host reaches the
+    block: a block's update must hold them too."""
+    for m in modules:
+        get = getattr(m, "_get_fsdp_state", None)
+        if get is not None:
+            ctx = get()._comm_ctx
+            return [s for s in (getattr(ctx, "all_gather_copy_in_stream", None), getattr(ctx, "all_gather_stream", None))
+                    if s is not None]
+    return []
 
-    def __init__(self, model: torch.nn.Module, lr: float, betas, eps: float, weight_decay: float):
+
+class Ring:
+    """Regions of a circular buffer handed out in issue order. A region is in flight (its event None) until its unit
+    is released with the event after its last use (the copy out); `alloc` returns the events of the released regions
+    the new one overlaps, for the copy in to wait on, so the host never waits."""
+
+    def __init__(self, size: int):
+        self.size, self.head = size, 0
+        self.live: deque[list] = deque()  # [start, end, event]
+
+    def _place(self, n: int) -> tuple[int, int]:
+        if n > self.size:
+            raise ValueError(f"optimizer_offload: a unit of {n} elements is larger than the ring's {self.size}")
+        start = self.head if self.head + n <= self.size else 0
+        return start, start + n
+
+    def _hits(self, n: int) -> list[list]:
+        start, end = self._place(n)
+        return [r for r in self.live if r[0] < end and start < r[1]]
+
+    def fits(self, n: int) -> bool:
+        """A region of n overlaps only released regions (a copy in there waits for copies out, never for a unit
+        that has not been updated yet)."""
+        return n <= self.size and all(r[2] is not None for r in self._hits(n))
+
+    def alloc(self, n: int) -> tuple[list, list]:
+        hits = self._hits(n)
+        if any(r[2] is None for r in hits):
+            raise RuntimeError("optimizer_offload: ring region reused while its unit is in flight")
+        for r in hits:
+            self.live.remove(r)
+        start, end = self._place(n)
+        region = [start, end, None]
+        self.live.append(region)
+        self.head = end
+        return region, [r[2] for r in hits]
+
+
+class OffloadedAdamW(torch.optim.AdamW):
+    """torch's AdamW (state dict, LR scheduler, DCP checkpoints unchanged) whose `step()` streams the moments.
+
+    `buffer_bytes`: the GPU ring the moments pass through (at least two of the largest unit's m and v). `lookahead`:
+    how many units after its own a unit's forward pre-hook must see updated (FSDP's explicit forward prefetch
+    all-gathers them from that hook)."""
+
+    def __init__(self, model: torch.nn.Module, lr: float, betas, eps: float, weight_decay: float,
+                 buffer_bytes: int = 0, lookahead: int = 0):
         self.units = [(m, ps) for m, ps in units(model) if ps]
         # model order, as build_optimizer's AdamW has it: a plain state dict (indexed by position) loads either way
         params = [p for p in model.parameters() if p.requires_grad]
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True)
         self.device = _local(params[0]).device
         self.cuda = self.device.type == "cuda"
-        # each unit's (param, offset, numel) in its flat host buffers and staging slots, fixed for the run
+        self.lookahead = lookahead
+        # each unit's (param, offset, numel) in its flat host buffer (m, then v at +size), fixed for the run
         self._layout: list[list[tuple[torch.nn.Parameter, int, int]]] = []
         self._sizes: list[int] = []
         for _, ps in self.units:
@@ -61,17 +125,18 @@ class OffloadedAdamW(torch.optim.AdamW):
             offs = [sum(sizes[:i]) for i in range(len(sizes))]
             self._layout.append(list(zip(ps, offs, sizes)))
             self._sizes.append(sum(sizes))
-        self._homed = [False] * len(self.units)  # moments in the host buffers (again false after a load)
-        self._flat: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self.units)  # host m, v per unit
-        self._pending: list[dict | None] = [None] * len(self.units)  # CPU: the update a unit still owes
-        self._done: list[torch.cuda.Event | None] = [None] * len(self.units)
-        self._last_out: torch.cuda.Event | None = None
+        n = len(self.units)
+        self._homed = [False] * n  # moments in the host buffers (again false after a load)
+        self._flat: list[torch.Tensor | None] = [None] * n  # pinned host m and v per unit, one buffer
+        self._pending: list[dict | None] = [None] * n  # CPU: the update a unit still owes
+        self._done: list[torch.cuda.Event | None] = [None] * n  # unit's update, not yet waited for by compute
+        self._out: list[torch.cuda.Event | None] = [None] * n  # unit's last copy out (its host buffer is final)
+        self._staged: list[tuple | None] = [None] * n  # (ring region, copy-in event) of a unit copied in early
         if self.cuda:
             self._h2d, self._upd, self._d2h = (torch.cuda.Stream(self.device) for _ in range(3))
-            size = max(self._sizes)
-            # two slots: unit j+1's moments come in while unit j updates and unit j-1's go out
-            self._slots = [torch.empty(2, size, device=self.device) for _ in range(2)]
-            self._slot_free: list[torch.cuda.Event | None] = [None, None]
+            self.ring_elems = max(2 * 2 * max(self._sizes), int(buffer_bytes) // 4)
+            self._buf = torch.empty(self.ring_elems, device=self.device)
+            self._ring = Ring(self.ring_elems)
         for j, (mod, _) in enumerate(self.units):
             # prepend: before FSDP's own pre-forward hook, which all-gathers the unit's weights
             mod.register_forward_pre_hook(self._hook(j), prepend=True)
@@ -79,7 +144,8 @@ class OffloadedAdamW(torch.optim.AdamW):
     def _hook(self, j: int):
         @torch._dynamo.disable  # eager, like FSDP's hooks, when the block is compiled
         def hook(_mod, _args):
-            self._ready(j)
+            for k in range(j, min(j + 1 + self.lookahead, len(self.units))):
+                self._ready(k)
         return hook
 
     # -- state: each unit's moments are views of one pinned host buffer, its step count a tensor on the device --
@@ -89,12 +155,13 @@ class OffloadedAdamW(torch.optim.AdamW):
         the next load: step() calls it for every unit."""
         if self._homed[j]:
             return
+        n = self._sizes[j]
         if self._flat[j] is None:
-            self._flat[j] = tuple(torch.zeros(self._sizes[j], pin_memory=self.cuda) for _ in range(2))
+            self._flat[j] = torch.zeros(2 * n, pin_memory=self.cuda)
         for p, off, k in self._layout[j]:
             st = self.state[p]
-            for key, flat in zip(("exp_avg", "exp_avg_sq"), self._flat[j]):
-                view = flat[off:off + k].view_as(_local(p))
+            for key, base in (("exp_avg", 0), ("exp_avg_sq", n)):
+                view = self._flat[j][base + off:base + off + k].view_as(_local(p))
                 old = st.get(key)
                 if old is None or _local(old).data_ptr() != view.data_ptr():
                     if old is not None:
@@ -117,23 +184,27 @@ class OffloadedAdamW(torch.optim.AdamW):
             self._ready(j)
         scale, found = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         g = self.param_groups[0]
+        ready = None
         if self.cuda:
             ready = torch.cuda.Event()
             ready.record()  # gradients, clip coefficient and skip flag are final on the compute stream
-            if self._last_out is not None:  # the host buffers are read again only after the last step wrote them
-                self._h2d.wait_event(self._last_out)
         for j, lay in enumerate(self._layout):
             entries = [e for e in lay if e[0].grad is not None]
             if not entries:
+                if self._staged[j] is not None:  # copied in early, nothing to update: the region is free after it
+                    (region, arrived), self._staged[j] = self._staged[j], None
+                    region[2] = arrived
                 continue
             self._home(j)
             ps = [p for p, _, _ in entries]
-            job = dict(entries=entries, ps=ps, grads=[_local(p.grad) for p in ps], lr=float(g["lr"]), betas=g["betas"], eps=g["eps"],
-                       wd=g["weight_decay"], scale=scale, found=found)
+            job = dict(entries=entries, ps=ps, grads=[_local(p.grad) for p in ps], lr=float(g["lr"]), betas=g["betas"],
+                       eps=g["eps"], wd=g["weight_decay"], scale=scale, found=found)
             if self.cuda:
                 self._issue(j, job, ready)
             else:
                 self._pending[j] = job
+        if self.cuda:
+            self._prefetch()
 
     def _adamw(self, job: dict, ms: list[torch.Tensor], vs: list[torch.Tensor]) -> None:
         import torch.optim.adam as adam  # the functional fused AdamW that torch.optim.AdamW(fused=True) calls
@@ -148,23 +219,37 @@ class OffloadedAdamW(torch.optim.AdamW):
     def _views(entries, base: torch.Tensor) -> list[torch.Tensor]:
         return [base[off:off + k].view_as(_local(p)) for p, off, k in entries]
 
-    def _issue(self, j: int, job: dict, ready: torch.cuda.Event) -> None:
-        """Unit j on the three streams: host→slot, fused AdamW on the slot, slot→host."""
-        slot_i = j % 2
-        slot = self._slots[slot_i]
-        m_flat, v_flat = self._flat[j]
-        n = self._sizes[j]
+    def _copy_in(self, j: int) -> tuple[list, torch.cuda.Event]:
+        """Unit j's host moments into a ring region, after the region's previous users and j's last copy out."""
+        region, waits = self._ring.alloc(2 * self._sizes[j])
         with torch.cuda.stream(self._h2d):
-            if self._slot_free[slot_i] is not None:
-                self._h2d.wait_event(self._slot_free[slot_i])
-            slot[0, :n].copy_(m_flat, non_blocking=True)
-            slot[1, :n].copy_(v_flat, non_blocking=True)
+            for e in waits + ([self._out[j]] if self._out[j] is not None else []):
+                self._h2d.wait_event(e)
+            self._buf[region[0]:region[1]].copy_(self._flat[j], non_blocking=True)
             arrived = torch.cuda.Event()
             arrived.record()
+        return region, arrived
+
+    def _prefetch(self) -> None:
+        """Copy in the next step's first units, as many as the ring holds beside this step's copies out: they run
+        under the coming forward and backward instead of delaying the next forward."""
+        for j in range(len(self.units)):
+            if self._staged[j] is not None:
+                continue
+            if not self._homed[j] or not self._ring.fits(2 * self._sizes[j]):
+                break
+            self._staged[j] = self._copy_in(j)
+
+    def _issue(self, j: int, job: dict, ready: torch.cuda.Event) -> None:
+        """Unit j on the three streams: (host→ring unless prefetched), fused AdamW on the ring, ring→host."""
+        staged, self._staged[j] = self._staged[j], None
+        region, arrived = staged if staged is not None else self._copy_in(j)
+        n = self._sizes[j]
+        buf = self._buf[region[0]:region[1]]
         with torch.cuda.stream(self._upd):
             self._upd.wait_event(ready)
             self._upd.wait_event(arrived)
-            self._adamw(job, self._views(job["entries"], slot[0]), self._views(job["entries"], slot[1]))
+            self._adamw(job, self._views(job["entries"], buf[:n]), self._views(job["entries"], buf[n:]))
             for t in job["grads"] + [x for x in (job["scale"], job["found"]) if x is not None]:
                 t.record_stream(self._upd)  # freed by zero_grad on the compute stream: not reused before this runs
             done = torch.cuda.Event()
@@ -172,30 +257,35 @@ class OffloadedAdamW(torch.optim.AdamW):
         self._done[j] = done
         with torch.cuda.stream(self._d2h):
             self._d2h.wait_event(done)
-            m_flat.copy_(slot[0, :n], non_blocking=True)
-            v_flat.copy_(slot[1, :n], non_blocking=True)
+            self._flat[j].copy_(buf, non_blocking=True)
             out = torch.cuda.Event()
             out.record()
-        self._slot_free[slot_i] = out
-        self._last_out = out
+        region[2] = self._out[j] = out
 
     def _ready(self, j: int) -> None:
-        """Unit j's weights are updated before anything after this call on the compute stream reads them."""
+        """Unit j's weights are updated before anything after this call on the compute stream, or on FSDP's
+        all-gather streams, reads them."""
         if self.cuda:
             if self._done[j] is not None:
                 torch.cuda.current_stream(self.device).wait_event(self._done[j])
+                for s in _gather_streams(m for m, _ in self.units):
+                    s.wait_event(self._done[j])
                 self._done[j] = None
         elif self._pending[j] is not None:
             job, self._pending[j] = self._pending[j], None  # on the host buffers, as the GPU path copies them
-            self._adamw(job, *(self._views(job["entries"], flat) for flat in self._flat[j]))
+            n = self._sizes[j]
+            self._adamw(job, self._views(job["entries"], self._flat[j][:n]),
+                        self._views(job["entries"], self._flat[j][n:]))
 
     def flush(self, host: bool = True) -> None:
         """Every queued update is seen by the compute stream (EMA, fp8 scales read the weights next) and, with
-        `host`, every copy out is complete for the host too (a checkpoint or export reads the moments)."""
+        `host`, every copy is complete for the host too (a checkpoint or export reads the moments, a load writes
+        them)."""
         for j in range(len(self.units)):
             self._ready(j)
-        if host and self.cuda and self._last_out is not None:
-            self._last_out.synchronize()
+        if host and self.cuda:
+            for s in (self._h2d, self._upd, self._d2h):
+                s.synchronize()
 
     def state_dict(self):
         self.flush()
@@ -204,7 +294,10 @@ class OffloadedAdamW(torch.optim.AdamW):
     def load_state_dict(self, state_dict):
         self.flush()
         super().load_state_dict(state_dict)
-        self._homed = [False] * len(self.units)
+        n = len(self.units)
+        self._homed, self._staged, self._out = [False] * n, [None] * n, [None] * n  # early copies are stale now
+        if self.cuda:
+            self._ring = Ring(self.ring_elems)
         for j, (_, ps) in enumerate(self.units):  # loaded moments land on the parameters' device: back to the host
             if any(p in self.state for p in ps):
                 self._home(j)

@@ -39,6 +39,9 @@ def world2(tmp_path_factory):
         "clip_foreach": ["--optim.grad_clip", "0.05", "--optim.fused", "false"],
         # AdamW's moments on the host, each block's update deferred to its next forward: the same run
         "opt_offload": ["--optim.grad_clip", "0.05", "--parallel.optimizer_offload", "true"],
+        # explicit forward prefetch all-gathers the next 2 blocks from a block's pre-forward: updated before that
+        "opt_offload_pf2": ["--optim.grad_clip", "0.05", "--parallel.optimizer_offload", "true",
+                            "--parallel.forward_prefetch", "2"],
         "opt_offload_nan": ["--train.inject_nan_at_step", "3", "--train.inject_nan_rank", "1",
                             "--parallel.optimizer_offload", "true"],
     })
@@ -71,7 +74,8 @@ def test_clip_folded_into_the_fused_optimizer_equals_clipping_the_gradients(worl
                                           losses(world2 / "full").values())) > 1e-4  # the clip acted
 
 
-@pytest.mark.parametrize("name, ref", [("opt_offload", "clip_fused"), ("opt_offload_nan", "nan")])
+@pytest.mark.parametrize("name, ref", [("opt_offload", "clip_fused"), ("opt_offload_pf2", "clip_fused"),
+                                       ("opt_offload_nan", "nan")])
 def test_optimizer_offload_does_not_change_losses(world2, name, ref):
     got, want = losses(world2 / name), losses(world2 / ref)
     assert got.keys() == want.keys() and len(got) == 10

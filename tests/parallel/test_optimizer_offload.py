@@ -4,6 +4,7 @@ enforces with stream events); the FSDP runs, resume and config refusals are in t
 test_config.py."""
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,14 +19,15 @@ from fluxtrain.train import clip_and_step
 from tests.helpers import DEVICES
 
 
-def make(device: str, offload: bool, max_norm: float = 0.05):
+def make(device: str, offload: bool, max_norm: float = 0.05, buffer_gib: float = 0.0):
     kw = transformer_kwargs("tiny")
     model = build_transformer(kw, device="cpu")
     load_state_into(model, random_init_state(kw, 0))
     model.to(device)
     cfg = C.load(None, ["--optim.lr", "1e-3", "--optim.weight_decay", "0.1", "--parallel.optimizer_offload",
-                        str(offload).lower(), "--optim.grad_clip", str(max_norm), "--train.device", device])
-    opt = build_optimizer(model.parameters(), cfg.optim, model if offload else None)
+                        str(offload).lower(), "--optim.grad_clip", str(max_norm), "--train.device", device,
+                        "--parallel.optimizer_offload_buffer_gib", str(buffer_gib)])
+    opt = build_optimizer(model.parameters(), cfg.optim, model if offload else None, cfg.parallel)
     return model, cfg, opt, build_scheduler(opt, 10, cfg.optim)
 
 
@@ -41,8 +43,8 @@ def inputs(model, device: str, step: int) -> dict:
             for k, v in flow.transformer_inputs(x, sigma, seq, pooled, 8, 8, guidance).items()}
 
 
-def train(device: str, offload: bool, steps: int = 6, nan_step: int = 2):
-    model, cfg, opt, sched = make(device, offload)
+def train(device: str, offload: bool, steps: int = 6, nan_step: int = 2, buffer_gib: float = 0.0):
+    model, cfg, opt, sched = make(device, offload, buffer_gib=buffer_gib)
     losses, oks = [], []
     for step in range(steps):
         loss = model(**inputs(model, device, step))[0].square().mean()
@@ -70,6 +72,18 @@ def test_offloaded_adamw_equals_fused_adamw_with_clip_and_skip(device):
     for p in model.parameters():  # the moments live on the host
         assert opt.state[p]["exp_avg"].device.type == "cpu"
         assert opt.state[p]["exp_avg"].is_pinned() == (device == "cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+@pytest.mark.parametrize("buffer_gib, staged", [(0.012, "some"), (1.0, "all")])
+def test_a_larger_ring_copies_the_next_steps_moments_in_early_and_stays_exact(buffer_gib, staged):
+    ref_model, _, ref_losses, _ = train("cuda", False)
+    model, opt, losses, _ = train("cuda", True, buffer_gib=buffer_gib)
+    early = [s is not None for s in opt._staged]
+    assert early[0] and (all(early) if staged == "all" else not all(early))
+    assert losses == pytest.approx(ref_losses, rel=1e-6, abs=0)
+    for (name, a), b in zip(model.named_parameters(), ref_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
 
 
 def test_each_unit_updates_before_its_own_forward_and_not_earlier():
@@ -112,3 +126,39 @@ def test_state_dict_round_trips_between_offloaded_and_plain_adamw():
         step_once(model, o, sched, cfg, 5)
     for (name, a), b in zip(back_model.named_parameters(), plain_model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+
+
+class _Event:  # stands in for a CUDA event in the ring's bookkeeping
+    def __init__(self, name):
+        self.name = name
+
+
+def test_ring_hands_out_regions_in_order_and_waits_only_for_released_ones():
+    from fluxtrain.parallel.optimizer_offload import Ring
+
+    ring = Ring(10)
+    a, wa = ring.alloc(4)
+    b, wb = ring.alloc(4)
+    assert (a[:2], b[:2], wa, wb) == ([0, 4], [4, 8], [], [])
+    assert not ring.fits(4)  # wraps to 0, over a, which is still in flight
+    with pytest.raises(RuntimeError, match="in flight"):
+        ring.alloc(4)
+    a[2] = _Event("a out")
+    assert ring.fits(4)
+    c, wc = ring.alloc(4)  # 8 + 4 > 10: wraps to the start and waits for a's copy out only
+    assert c[:2] == [0, 4] and [e.name for e in wc] == ["a out"]
+    b[2] = _Event("b out")
+    d, wd = ring.alloc(6)  # after c: [4, 10) overlaps b only
+    assert d[:2] == [4, 10] and [e.name for e in wd] == ["b out"]
+    with pytest.raises(ValueError, match="larger than"):
+        ring.alloc(11)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (NCCL)")
+def test_fsdp_all_gathers_wait_for_each_blocks_offloaded_update_on_gpus(tmp_path):
+    from tests.helpers import assert_close, losses, torchrun
+
+    res = torchrun(2, [str(Path(__file__).parent / "offload_gpu_worker.py"), str(tmp_path)], timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
+    for name in ("offload", "offload_ring"):
+        assert_close(losses(tmp_path / name), losses(tmp_path / "plain"), 1e-6, name)

@@ -1,0 +1,41 @@
+"""Under torchrun on 2 GPUs (NCCL): train the tiny default with plain fused AdamW, then with optimizer offload whose
+copies in are held back on the GPU (a sleep on the copy stream), so the host reaches every block's FSDP all-gather
+long before the block's update has landed. tests/parallel/test_optimizer_offload.py compares the losses."""
+
+import sys
+
+import torch
+
+from fluxtrain import config as C
+from fluxtrain.parallel.optimizer_offload import OffloadedAdamW
+from fluxtrain.train import train
+from tests.helpers import FAST
+
+VARIANTS = {
+    "plain": [],
+    "offload": ["--parallel.optimizer_offload", "true"],
+    # a ring of a few units: copies in for the next step start under this one, and regions are reused
+    "offload_ring": ["--parallel.optimizer_offload", "true", "--parallel.optimizer_offload_buffer_gib", "0.008"],
+}
+
+
+def held_back(copy_in):
+    def slow(self, j):
+        with torch.cuda.stream(self._h2d):
+            torch.cuda._sleep(40_000_000)  # ~20 ms of GPU time before each unit's moments come in
+        return copy_in(self, j)
+    return slow
+
+
+def main() -> None:
+    out = sys.argv[1]
+    OffloadedAdamW._copy_in = held_back(OffloadedAdamW._copy_in)
+    # exact fp32 math (no TF32, the math attention kernel) so that the only difference could be stale weights
+    base = FAST + ["--train.device", "cuda", "--parallel.tf32", "false", "--model.attention_backend", "math",
+                   "--optim.grad_clip", "0.05"]
+    for name, extra in VARIANTS.items():
+        train(C.load("configs/tiny.toml", base + extra + ["--train.output_dir", f"{out}/{name}"]))
+
+
+if __name__ == "__main__":
+    main()
