@@ -34,7 +34,7 @@ from fluxtrain import config as C  # noqa: E402
 from fluxtrain import flow  # noqa: E402
 from fluxtrain.metrics import flux_flops_per_sample, peak_tflops  # noqa: E402
 from fluxtrain.models.setup import build_training_model, model_kwargs  # noqa: E402
-from fluxtrain.optim import build_optimizer, build_scheduler  # noqa: E402
+from fluxtrain.optim import build_optimizer, build_scheduler, flush  # noqa: E402
 from fluxtrain.parallel import set_cpu_threads  # noqa: E402
 from fluxtrain.train import clip_and_step  # noqa: E402
 from fluxtrain.parallel import mesh as pmesh  # noqa: E402
@@ -156,6 +156,7 @@ def run_variant(D, args, spec: dict) -> dict:
     if fwd_bwd:
         row["fwd_bwd_s"] = statistics.median(fwd_bwd)
         row["clip_step_s"] = statistics.median(t - f for t, f in zip(times, fwd_bwd))
+    flush(opt)  # an offloaded optimizer's copies still running would write into the next variant's memory
     del model, opt, sched, x0, noise, seq, pooled  # the scheduler holds the optimizer too
     # Compiled graphs keep the variant's model alive (22 GiB of sharded 12B weights per GPU were still resident in
     # the next variant): drop them, so each row's peak is its own.

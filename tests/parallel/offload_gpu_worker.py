@@ -2,9 +2,11 @@
 copies in are held back on the GPU (a sleep on the copy stream), so the host reaches every block's FSDP all-gather
 long before the block's update has landed. tests/parallel/test_optimizer_offload.py compares the losses."""
 
+import os
 import sys
 
 import torch
+import torch.distributed as dist
 
 from fluxtrain import config as C
 from fluxtrain.parallel.optimizer_offload import OffloadedAdamW
@@ -16,6 +18,8 @@ VARIANTS = {
     "offload": ["--parallel.optimizer_offload", "true"],
     # a ring of a few units: copies in for the next step start under this one, and regions are reused
     "offload_ring": ["--parallel.optimizer_offload", "true", "--parallel.optimizer_offload_buffer_gib", "0.008"],
+    # a ring that holds every unit: all of the next step's moments are copied in right after a step
+    "offload_all": ["--parallel.optimizer_offload", "true", "--parallel.optimizer_offload_buffer_gib", "1"],
 }
 
 
@@ -30,11 +34,16 @@ def held_back(copy_in):
 def main() -> None:
     out = sys.argv[1]
     OffloadedAdamW._copy_in = held_back(OffloadedAdamW._copy_in)
+    # one group for all variants, as tests/parallel/run_variants.py does (the trainer leaves a group it did not start)
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    torch.cuda.set_device(device)
+    dist.init_process_group("cpu:gloo,cuda:nccl", device_id=device)
     # exact fp32 math (no TF32, the math attention kernel) so that the only difference could be stale weights
     base = FAST + ["--train.device", "cuda", "--parallel.tf32", "false", "--model.attention_backend", "math",
                    "--optim.grad_clip", "0.05"]
     for name, extra in VARIANTS.items():
         train(C.load("configs/tiny.toml", base + extra + ["--train.output_dir", f"{out}/{name}"]))
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

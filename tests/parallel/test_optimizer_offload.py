@@ -160,5 +160,5 @@ def test_fsdp_all_gathers_wait_for_each_blocks_offloaded_update_on_gpus(tmp_path
 
     res = torchrun(2, [str(Path(__file__).parent / "offload_gpu_worker.py"), str(tmp_path)], timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
-    for name in ("offload", "offload_ring"):
+    for name in ("offload", "offload_ring", "offload_all"):
         assert_close(losses(tmp_path / name), losses(tmp_path / "plain"), 1e-6, name)
