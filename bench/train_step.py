@@ -122,7 +122,7 @@ def run_variant(D, args, spec: dict) -> dict:
         clip_and_step(model, opt, sched, 1.0, cfg)  # the trainer's clip and step, as it runs them
         return loss
 
-    times, losses, marks, fwd_bwd = [], [], [], []
+    times, losses, marks, fwd_bwd, warm_losses = [], [], [], [], []
     for i in range(args.warmup + args.steps):
         sync()
         t0 = time.perf_counter()
@@ -133,6 +133,8 @@ def run_variant(D, args, spec: dict) -> dict:
             losses.append(float(loss.detach()))
             if args.phases:
                 fwd_bwd.append(marks[-1] - t0)
+        else:
+            warm_losses.append(float(loss.detach()))
     profile = profile_steps(D, args, train_step, sync, spec) if args.profile else None
     step = statistics.median(times)
     steady_gib = torch.cuda.memory_allocated() / 2**30 if cuda else 0.0
@@ -148,7 +150,8 @@ def run_variant(D, args, spec: dict) -> dict:
     row = dict(variant=",".join(f"{k}={v}" for k, v in spec.items()) or "default", gpus=D.world_size, batch=b,
                step_s=step, samples_s_gpu=b / step, tflops_gpu=tflops, mfu=tflops / pk, peak_gib=float(peak),
                reserved_gib=reserved, cpu_threads=threads, init_s=init_s, init_gib=init_gib, steady_gib=steady_gib,
-               loss_first=losses[0], loss_last=losses[-1], step_times=[round(x, 4) for x in times])
+               loss_first=losses[0], loss_last=losses[-1], step_times=[round(x, 4) for x in times],
+               warmup_losses=[round(x, 4) for x in warm_losses])
     if args.losses:
         row["losses"] = losses
     if profile:

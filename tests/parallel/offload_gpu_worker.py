@@ -31,9 +31,17 @@ def held_back(copy_in):
     return slow
 
 
+def nan_ring(init):
+    def filled(self, *a, **kw):
+        init(self, *a, **kw)
+        self._buf.fill_(float("nan"))  # an update that read its moments before they arrived would go NaN
+    return filled
+
+
 def main() -> None:
     out = sys.argv[1]
     OffloadedAdamW._copy_in = held_back(OffloadedAdamW._copy_in)
+    OffloadedAdamW.__init__ = nan_ring(OffloadedAdamW.__init__)
     # one group for all variants, as tests/parallel/run_variants.py does (the trainer leaves a group it did not start)
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     torch.cuda.set_device(device)

@@ -45,6 +45,8 @@ def inputs(model, device: str, step: int) -> dict:
 
 def train(device: str, offload: bool, steps: int = 6, nan_step: int = 2, buffer_gib: float = 0.0):
     model, cfg, opt, sched = make(device, offload, buffer_gib=buffer_gib)
+    if offload and device == "cuda":
+        opt._buf.fill_(float("nan"))  # an update that read its moments before they arrived would go NaN
     losses, oks = [], []
     for step in range(steps):
         loss = model(**inputs(model, device, step))[0].square().mean()
