@@ -136,8 +136,13 @@ class OffloadedAdamW(torch.optim.AdamW):
             self._h2d, self._upd, self._d2h = (torch.cuda.Stream(self.device) for _ in range(3))
             self.ring_elems = max(2 * 2 * max(self._sizes), int(buffer_bytes) // 4)
             self._buf = torch.empty(self.ring_elems, device=self.device)
-            for s in (self._h2d, self._upd, self._d2h):  # freed with copies still queued: not reused before they run
-                self._buf.record_stream(s)
+            # The ring comes from the compute stream's pool: its memory may still be in use by kernels queued there
+            # (a freed temporary's), which the copy streams would not wait for. They wait once, here.
+            allocated = torch.cuda.Event()
+            allocated.record()
+            for s in (self._h2d, self._upd, self._d2h):
+                s.wait_event(allocated)
+                self._buf.record_stream(s)  # freed with copies still queued: not reused before they run
             self._ring = Ring(self.ring_elems)
         for j, (mod, _) in enumerate(self.units):
             # prepend: before FSDP's own pre-forward hook, which all-gathers the unit's weights

@@ -35,6 +35,7 @@ def nan_ring(init):
     def filled(self, *a, **kw):
         init(self, *a, **kw)
         self._buf.fill_(float("nan"))  # an update that read its moments before they arrived would go NaN
+        torch.cuda.synchronize()  # the fill is done before any copy in (it is the test's, on the compute stream)
     return filled
 
 
