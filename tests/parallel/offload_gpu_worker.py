@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from fluxtrain import config as C
-from fluxtrain.parallel.optimizer_offload import OffloadedAdamW
+from fluxtrain.parallel.optimizer_offload import OffloadedAdamW, _local, units
 from fluxtrain.train import train
 from tests.helpers import FAST
 
@@ -32,10 +32,21 @@ def held_back(copy_in):
 
 
 def nan_ring(init):
-    def filled(self, *a, **kw):
-        init(self, *a, **kw)
-        self._buf.fill_(float("nan"))  # an update that read its moments before they arrived would go NaN
-        torch.cuda.synchronize()  # the fill is done before any copy in (it is the test's, on the compute stream)
+    """Before the optimizer is built, a temporary of the ring's size that the compute stream fills with NaN only after
+    a long sleep is freed: the ring reuses that memory, with the fill still queued. The copies in must wait for it
+    (else the moments come in and are then overwritten). After, the ring itself is NaN-filled on the copy stream: an
+    update that read its moments before they arrived would go NaN."""
+    def filled(self, model, *a, buffer_bytes=0, **kw):
+        sizes = [sum(_local(p).numel() for p in ps) for _, ps in units(model) if ps]
+        tmp = torch.empty(max(4 * max(sizes), int(buffer_bytes) // 4), device="cuda")
+        torch.cuda._sleep(1_000_000_000)
+        tmp.fill_(float("nan"))
+        ptr = tmp.data_ptr()
+        del tmp
+        init(self, model, *a, buffer_bytes=buffer_bytes, **kw)
+        print(f"ring reuses the queued temporary: {self._buf.data_ptr() == ptr}", flush=True)
+        with torch.cuda.stream(self._h2d):
+            self._buf.fill_(float("nan"))
     return filled
 
 

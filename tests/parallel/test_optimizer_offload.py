@@ -46,8 +46,8 @@ def inputs(model, device: str, step: int) -> dict:
 def train(device: str, offload: bool, steps: int = 6, nan_step: int = 2, buffer_gib: float = 0.0):
     model, cfg, opt, sched = make(device, offload, buffer_gib=buffer_gib)
     if offload and device == "cuda":
-        opt._buf.fill_(float("nan"))  # an update that read its moments before they arrived would go NaN
-        torch.cuda.synchronize()  # the fill is done before any copy in (it is the test's, on the compute stream)
+        with torch.cuda.stream(opt._h2d):  # an update that read its moments before they arrived would go NaN
+            opt._buf.fill_(float("nan"))
     losses, oks = [], []
     for step in range(steps):
         loss = model(**inputs(model, device, step))[0].square().mean()
