@@ -200,8 +200,14 @@ def main() -> int:
                  "--train.batch_size", str(args.batch), "--model.max_text_tokens", str(args.text_tokens),
                  "--train.device", args.device, "--optim.fused", "true"]
     base_cfg = C.load(None, args.base)
+    offloaded = 0
     for v in args.variants:  # a typo in a variant fails here, before any process group or model
-        variant_config(args.base, dict(kv.split("=", 1) for kv in v.split(",") if kv))
+        offloaded += variant_config(args.base, dict(kv.split("=", 1) for kv in v.split(",") if kv)).parallel.optimizer_offload
+    if offloaded > 1:
+        # gpu_run30/31 (12B, compiled, 4 GPUs): every optimizer-offload variant after the first in a launch went NaN
+        # at its first update, whatever its ring; the first never did, nor three in a row in the 2-GPU test worker
+        # (uncompiled). Cause not found: one such variant per launch until it is.
+        raise SystemExit("at most one ooff=1 variant per launch (see the comment here): split them over launches")
     D = pmesh.init(base_cfg)
     card = torch.cuda.get_device_name(D.device) if D.device.type == "cuda" else "CPU"
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
