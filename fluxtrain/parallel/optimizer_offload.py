@@ -55,12 +55,16 @@ def _gather_streams(modules) -> list:
     """FSDP2's all-gather streams (shared by one model's FSDP modules). In the forward they wait for the compute
     stream only in the root's pre-forward, then copy each block's sharded weights in as soon as the host reaches the
     block: a block's update must hold them too."""
+    from torch.distributed.fsdp import FSDPModule
+
     for m in modules:
-        get = getattr(m, "_get_fsdp_state", None)
-        if get is not None:
-            ctx = get()._comm_ctx
-            return [s for s in (getattr(ctx, "all_gather_copy_in_stream", None), getattr(ctx, "all_gather_stream", None))
-                    if s is not None]
+        if isinstance(m, FSDPModule):
+            ctx = getattr(getattr(m, "_get_fsdp_state", lambda: None)(), "_comm_ctx", None)
+            streams = [getattr(ctx, a, None) for a in ("all_gather_copy_in_stream", "all_gather_stream")]
+            if None in streams:  # private FSDP2 internals: a torch that moved them must not silently race
+                raise RuntimeError("optimizer_offload: FSDP2's all-gather streams not found in this torch "
+                                   f"({torch.__version__}); set parallel.optimizer_offload = false")
+            return streams
     return []
 
 

@@ -165,3 +165,31 @@ def test_fsdp_all_gathers_wait_for_each_blocks_offloaded_update_on_gpus(tmp_path
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
     for name in ("offload", "offload_ring", "offload_all"):
         assert_close(losses(tmp_path / name), losses(tmp_path / "plain"), 1e-6, name)
+
+
+GATHER_STREAMS = """
+import os, torch, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from fluxtrain.parallel.optimizer_offload import _gather_streams
+dist.init_process_group("gloo", rank=0, world_size=1)
+plain = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+fully_shard(model[0]); fully_shard(model)
+model(torch.ones(2, 4))  # FSDP2 makes its streams in the root's first forward
+print(len(_gather_streams([plain])), len(_gather_streams([model])), flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_fsdp_all_gather_streams_are_found_in_this_torch():
+    """The hook waits FSDP2's all-gather streams through private attributes: a torch that moves them must fail here
+    (and at run time) instead of silently racing."""
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT, env, free_port
+
+    res = subprocess.run([sys.executable, "-c", GATHER_STREAMS], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env=env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.split() == ["0", "2"]
