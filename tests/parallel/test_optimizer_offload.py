@@ -104,21 +104,24 @@ def test_each_unit_updates_before_its_own_forward_and_not_earlier():
     assert seen and all(not torch.equal(seen[n], before[n]) for n in before)  # applied by the time it ran
 
 
-def step_once(model, opt, sched, cfg, step: int) -> None:
-    model(**inputs(model, "cpu", step))[0].square().mean().backward()
+def step_once(model, opt, sched, cfg, step: int, device: str = "cpu") -> None:
+    model(**inputs(model, device, step))[0].square().mean().backward()
     clip_and_step(model, opt, sched, cfg.optim.grad_clip, cfg, step=step)
     flush(opt)
 
 
-def test_state_dict_round_trips_between_offloaded_and_plain_adamw():
+@pytest.mark.parametrize("device", DEVICES)
+def test_state_dict_round_trips_between_offloaded_and_plain_adamw(device):
     """A checkpoint of one loads into the other, and into an offloaded optimizer that has already stepped (whose
-    host buffers must then take the loaded moments): the next step is the same for all."""
-    _, opt, _, _ = train("cpu", True, steps=3, nan_step=-1)
-    plain_model, cfg, plain, plain_sched = make("cpu", False)
+    host buffers must then take the loaded moments; on a GPU its ring holds every unit, so the next step's moments
+    were copied in early and must be dropped): the next step is the same for all."""
+    _, opt, _, _ = train(device, True, steps=3, nan_step=-1)
+    plain_model, cfg, plain, plain_sched = make(device, False)
     # deep copies, as a checkpoint gives: a loaded state dict's tensors are otherwise shared with their source
     plain.load_state_dict(copy.deepcopy(opt.state_dict()))
-    back_model, _, back, back_sched = make("cpu", True)
-    step_once(back_model, back, back_sched, cfg, 0)  # moments of its own in its host buffers, replaced by the load
+    back_model, _, back, back_sched = make(device, True, buffer_gib=1.0)
+    step_once(back_model, back, back_sched, cfg, 0, device)  # moments of its own, replaced by the load
+    assert device == "cpu" or all(s is not None for s in back._staged)
     back.load_state_dict(copy.deepcopy(plain.state_dict()))
     for k, st in back.state_dict()["state"].items():
         ref = opt.state_dict()["state"][k]
@@ -126,7 +129,7 @@ def test_state_dict_round_trips_between_offloaded_and_plain_adamw():
         torch.testing.assert_close(st["exp_avg_sq"], ref["exp_avg_sq"], rtol=0, atol=0)
     back_model.load_state_dict(plain_model.state_dict())
     for model, o, sched in ((plain_model, plain, plain_sched), (back_model, back, back_sched)):
-        step_once(model, o, sched, cfg, 5)
+        step_once(model, o, sched, cfg, 5, device)
     for (name, a), b in zip(back_model.named_parameters(), plain_model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
 
