@@ -33,9 +33,10 @@ def held_back(copy_in):
 
 def nan_ring(init):
     """Before the optimizer is built, a temporary of the ring's size that the compute stream fills with NaN only after
-    a long sleep is freed: the ring reuses that memory, with the fill still queued. The copies in must wait for it
-    (else the moments come in and are then overwritten). After, the ring itself is NaN-filled on the copy stream: an
-    update that read its moments before they arrived would go NaN."""
+    a long sleep is freed: the ring reuses that memory, with the fill still queued, and the copies in must not run
+    before it. (gpu_run32: the trainer synchronises before its first step, so this passed without the optimizer's
+    wait too; it covers callers that don't.) Then the ring itself is NaN-filled on the copy stream: an update that
+    read its moments before they arrived would go NaN."""
     def filled(self, model, *a, buffer_bytes=0, **kw):
         sizes = [sum(_local(p).numel() for p in ps) for _, ps in units(model) if ps]
         tmp = torch.empty(max(4 * max(sizes), int(buffer_bytes) // 4), device="cuda")
