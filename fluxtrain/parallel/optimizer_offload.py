@@ -195,18 +195,20 @@ class OffloadedAdamW(torch.optim.AdamW):
             self._ready(j)
         scale, found = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         g = self.param_groups[0]
+        todo = []
+        for j, lay in enumerate(self._layout):
+            entries = [e for e in lay if e[0].grad is not None]
+            if entries:
+                self._home(j)  # a first step makes the step counts on the compute stream: before `ready` below
+                todo.append((j, entries))
+            elif self._staged[j] is not None:  # copied in early, nothing to update: the region is free after it
+                (region, arrived), self._staged[j] = self._staged[j], None
+                region[2] = arrived
         ready = None
         if self.cuda:
             ready = torch.cuda.Event()
-            ready.record()  # gradients, clip coefficient and skip flag are final on the compute stream
-        for j, lay in enumerate(self._layout):
-            entries = [e for e in lay if e[0].grad is not None]
-            if not entries:
-                if self._staged[j] is not None:  # copied in early, nothing to update: the region is free after it
-                    (region, arrived), self._staged[j] = self._staged[j], None
-                    region[2] = arrived
-                continue
-            self._home(j)
+            ready.record()  # gradients, clip coefficient, skip flag and step counts are final on the compute stream
+        for j, entries in todo:
             ps = [p for p, _, _ in entries]
             job = dict(entries=entries, ps=ps, grads=[_local(p.grad) for p in ps], lr=float(g["lr"]), betas=g["betas"],
                        eps=g["eps"], wd=g["weight_decay"], scale=scale, found=found)

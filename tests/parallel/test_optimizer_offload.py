@@ -89,6 +89,29 @@ def test_a_larger_ring_copies_the_next_steps_moments_in_early_and_stays_exact(bu
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+def test_the_first_updates_wait_for_the_step_counts_they_increment(monkeypatch):
+    """A first step makes each parameter's step count (zeros on the compute stream); the update stream must not read
+    them before that runs. The compute stream is held back before each unit's counts are made, over freed scalars
+    full of NaN whose memory the counts are likely to reuse."""
+    from fluxtrain.parallel.optimizer_offload import OffloadedAdamW
+
+    home = OffloadedAdamW._home
+
+    def late(self, j):
+        torch.cuda._sleep(20_000_000)
+        home(self, j)
+
+    ref_model, _, ref_losses, _ = train("cuda", False)
+    monkeypatch.setattr(OffloadedAdamW, "_home", late)
+    junk = [torch.full((), float("nan"), device="cuda") for _ in range(8192)]
+    del junk
+    model, _, losses, _ = train("cuda", True)
+    assert losses == pytest.approx(ref_losses, rel=1e-6, abs=0)
+    for (name, a), b in zip(model.named_parameters(), ref_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+
+
 def test_each_unit_updates_before_its_own_forward_and_not_earlier():
     model, cfg, opt, sched = make("cpu", True, max_norm=0.0)
     model(**inputs(model, "cpu", 0))[0].square().mean().backward()
