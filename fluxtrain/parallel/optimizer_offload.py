@@ -15,8 +15,10 @@ weights or the moments (checkpoint, EMA, export) calls `flush()` first.
 The moments pass through a ring buffer on the GPU (`parallel.optimizer_offload_buffer_gib`; at least two units). Right
 after a step is queued, as many units of the next step as the ring holds are copied in again, behind that step's
 copies out: those copies run under the forward and backward instead of holding up the next forward. A bigger ring
-trades GPU memory for hidden copies. On a CPU there is nothing to stream: the update of a
-unit is then deferred to the same hook (or `flush()`), which is how the CPU tests exercise the ordering.
+trades GPU memory for hidden copies.
+
+On a CPU there is nothing to stream: the update of a unit is then deferred to the same hook (or `flush()`), which is
+how the CPU tests exercise the ordering.
 """
 
 from __future__ import annotations
