@@ -63,7 +63,7 @@ def run_all(cmds: list[tuple[list[str], dict, Path]], timeout_s: float | None = 
     return done
 
 
-def make_data(work: Path, num: int, chunks: int) -> dict:
+def make_data(work: Path, num: int, chunks: int, size: int | None = None) -> dict:
     """Two noisy sets (simple only; half complex) in parallel chunks, then their cleaned copies."""
     sets = {"simple_noisy": 0.0, "complex_noisy": 0.5}
     if all((work / n.replace("noisy", "clean") / f"part{c}" / "report.json").is_file() for n in sets for c in range(chunks)):
@@ -73,7 +73,8 @@ def make_data(work: Path, num: int, chunks: int) -> dict:
         for c in range(chunks):
             out = work / name / f"part{c}"
             cmds.append((PY + ["data", "synth", "--out", str(out), "--num", str(num // chunks), "--noise-frac", "0.2",
-                               "--complex-frac", str(cf), "--seed", str(1000 * (c + 1) + int(cf * 10))],
+                               "--complex-frac", str(cf), "--seed", str(1000 * (c + 1) + int(cf * 10))]
+                         + (["--size", str(size)] if size else []),
                          {}, work / f"synth-{name}-{c}.log"))
     run_all(cmds)
     cmds = [(PY + ["data", "clean", "--in", str(work / name / f"part{c}" / "*.tar"),
@@ -97,6 +98,7 @@ def _cleaning_report(work: Path, sets: dict, chunks: int) -> dict:
 
 def common_overrides(a, compile_: bool) -> list[str]:
     ov = ["--train.compile", str(compile_).lower()]
+    ov += ["--data.resolution", str(a.resolution)] if a.resolution else []
     # warmup ramps the decay (min(decay, (1+t)/(10+t))): without it a short run's EMA still holds its random init
     ov += ["--ema.enabled", "true", "--ema.decay", str(a.ema_decay), "--ema.warmup", "true"] if a.ema_decay > 0 else []
     return ov + (["--model.encoders", a.encoders] if a.encoders else [])
@@ -131,6 +133,9 @@ def main() -> int:
     ap.add_argument("--preset", default="small")
     ap.add_argument("--steps", type=int, default=100_000, help="an upper bound: --max-minutes ends the runs")
     ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--resolution", type=int, default=None,
+                    help="image side for data, training and eval (default: the config's; the tiny VAE's round trips "
+                         "pass the checker at 64 and 128 alike)")
     ap.add_argument("--source", choices=["cache", "webdataset"], default="cache")
     ap.add_argument("--caption-dropout", type=float, default=0.1, help="for classifier-free guidance at eval")
     ap.add_argument("--true-cfg", type=float, default=4.0, help="eval's classifier-free guidance scale")
@@ -168,11 +173,12 @@ def main() -> int:
     compile_ = a.compile if a.compile is not None else gpus > 0
     t0 = time.time()
     warm = warm_compile_cache(a, work, gpus) if compile_ and not a.data_only else []
-    cleaning = make_data(work, a.num, a.chunks)
+    cleaning = make_data(work, a.num, a.chunks, a.resolution)
     if a.source == "cache":  # latents and embeddings once per data set: training steps skip PNG, VAE and text
         sets = sorted({d for arm in a.arms for d in [ARMS[arm][0]]})
         run_all([(PY + ["cache", "--config", str(ROOT / a.config), "--out", str(work / f"cache-{d}"),
                         "--data.path", str(work / d / "part*" / "*.tar"), "--batch-size", "256"]
+                  + (["--data.resolution", str(a.resolution)] if a.resolution else [])
                   + (["--model.encoders", a.encoders] if a.encoders else []),
                   {"CUDA_VISIBLE_DEVICES": str(i % gpus)} if gpus else {}, work / f"cache-{d}.log")
                  for i, d in enumerate(sets) if not (work / f"cache-{d}" / "manifest.json").is_file()])
