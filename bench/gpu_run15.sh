@@ -2,7 +2,7 @@
 # For the next multi-GPU call (#6): the ablation with CUDA graphs, RPG runs per GPU, only the arms in ARMS (a call is
 # at most 10 minutes: data ~2 min + 5 min of training + scoring). On 4 GPUs with RPG=2:
 #   ARMS="baseline clean complex itc" bash bench/gpu_run15.sh   then   ARMS="all" bash bench/gpu_run15.sh
-# and join the two ablation.json files with `python bench/adherence_ablation.py --merge A.json B.json --out DIR`.
+# (RES=128: data, caches and runs at 128 px). Then join the two ablation.json files with `python bench/adherence_ablation.py --merge A.json B.json --out DIR`.
 set -u
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 \
   TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
