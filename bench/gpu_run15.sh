@@ -10,6 +10,6 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   2>/dev/null && export PYTHONPATH=/tmp/site:$PWD || exit 1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 timeout 570 python3 bench/adherence_ablation.py --work /tmp/ablation --out "$OUT" --max-minutes ${MAX_MIN:-5} \
-  --num ${NUM:-32000} --chunks ${CHUNKS:-16} --batch ${BATCH:-128} --runs-per-gpu ${RPG:-2} --cuda-graphs \
+  --num ${NUM:-32000} --chunks ${CHUNKS:-16} --batch ${BATCH:-128} --runs-per-gpu ${RPG:-2} --cuda-graphs ${RES:+--resolution $RES} \
   --arms ${ARMS:-baseline clean complex itc all} 2>&1 | grep -v "UserWarning\|warnings.warn\|Loading weights" | tail -16
 cd /tmp/ablation && tar czf "$OUT/logs.tgz" train-*.log warm*.log evals/*.json runs/*/metrics.jsonl 2>/dev/null
