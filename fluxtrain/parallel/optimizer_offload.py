@@ -85,22 +85,21 @@ class Ring:
         start = self.head if self.head + n <= self.size else 0
         return start, start + n
 
-    def _hits(self, n: int) -> list[list]:
-        start, end = self._place(n)
+    def _hits(self, start: int, end: int) -> list[list]:
         return [r for r in self.live if r[0] < end and start < r[1]]
 
     def fits(self, n: int) -> bool:
         """A region of n overlaps only released regions (a copy in there waits for copies out, never for a unit
         that has not been updated yet)."""
-        return n <= self.size and all(r[2] is not None for r in self._hits(n))
+        return n <= self.size and all(r[2] is not None for r in self._hits(*self._place(n)))
 
     def alloc(self, n: int) -> tuple[list, list]:
-        hits = self._hits(n)
+        start, end = self._place(n)
+        hits = self._hits(start, end)
         if any(r[2] is None for r in hits):
             raise RuntimeError("optimizer_offload: ring region reused while its unit is in flight")
         for r in hits:
             self.live.remove(r)
-        start, end = self._place(n)
         region = [start, end, None]
         self.live.append(region)
         self.head = end
@@ -221,9 +220,12 @@ class OffloadedAdamW(torch.optim.AdamW):
         if self.cuda:
             self._prefetch()
 
-    def _adamw(self, job: dict, ms: list[torch.Tensor], vs: list[torch.Tensor]) -> None:
+    def _adamw(self, job: dict, flat: torch.Tensor) -> None:
+        """Fused AdamW of one unit whose moments are `flat` (m, then v), a ring region or the host buffer."""
         import torch.optim.adam as adam  # the functional fused AdamW that torch.optim.AdamW(fused=True) calls
 
+        n = flat.numel() // 2
+        ms, vs = (self._views(job["entries"], half) for half in (flat[:n], flat[n:]))
         b1, b2 = job["betas"]
         adam.adam([_local(p) for p in job["ps"]], job["grads"], ms, vs, [], [self.state[p]["step"] for p in job["ps"]],
                   fused=True, grad_scale=job["scale"], found_inf=job["found"], decoupled_weight_decay=True,
@@ -259,12 +261,11 @@ class OffloadedAdamW(torch.optim.AdamW):
         """Unit j on the three streams: (host→ring unless prefetched), fused AdamW on the ring, ring→host."""
         staged, self._staged[j] = self._staged[j], None
         region, arrived = staged if staged is not None else self._copy_in(j)
-        n = self._sizes[j]
         buf = self._buf[region[0]:region[1]]
         with torch.cuda.stream(self._upd):
             self._upd.wait_event(ready)
             self._upd.wait_event(arrived)
-            self._adamw(job, self._views(job["entries"], buf[:n]), self._views(job["entries"], buf[n:]))
+            self._adamw(job, buf)
             for t in job["grads"] + [x for x in (job["scale"], job["found"]) if x is not None]:
                 t.record_stream(self._upd)  # freed by zero_grad on the compute stream: not reused before this runs
             done = torch.cuda.Event()
@@ -288,9 +289,7 @@ class OffloadedAdamW(torch.optim.AdamW):
                 self._done[j] = None
         elif self._pending[j] is not None:
             job, self._pending[j] = self._pending[j], None  # on the host buffers, as the GPU path copies them
-            n = self._sizes[j]
-            self._adamw(job, self._views(job["entries"], self._flat[j][:n]),
-                        self._views(job["entries"], self._flat[j][n:]))
+            self._adamw(job, self._flat[j])
 
     def flush(self, host: bool = True) -> None:
         """Every queued update is seen by the compute stream (EMA, fp8 scales read the weights next) and, with
