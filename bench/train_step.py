@@ -200,16 +200,8 @@ def main() -> int:
                  "--train.batch_size", str(args.batch), "--model.max_text_tokens", str(args.text_tokens),
                  "--train.device", args.device, "--optim.fused", "true"]
     base_cfg = C.load(None, args.base)
-    offloaded = 0
     for v in args.variants:  # a typo in a variant fails here, before any process group or model
-        offloaded += variant_config(args.base, dict(kv.split("=", 1) for kv in v.split(",") if kv)).parallel.optimizer_offload
-    if offloaded > 1:
-        # gpu_run30/31 (12B, compiled, 4 GPUs): every optimizer-offload variant after the first in a launch went NaN
-        # at its first update, whatever its ring; the first never did, nor three in a row in the 2-GPU test worker.
-        # Likely cause, fixed after those calls and not yet rerun on a GPU: the first step's step counts were made
-        # on the compute stream after the event the update waits for (bench/RESULTS.md, eighth session). One such
-        # variant per launch until a GPU run shows two in a row finite.
-        raise SystemExit("at most one ooff=1 variant per launch (see the comment here): split them over launches")
+        variant_config(args.base, dict(kv.split("=", 1) for kv in v.split(",") if kv))
     D = pmesh.init(base_cfg)
     card = torch.cuda.get_device_name(D.device) if D.device.type == "cuda" else "CPU"
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
