@@ -63,9 +63,10 @@ def run_all(cmds: list[tuple[list[str], dict, Path]], timeout_s: float | None = 
     return done
 
 
-def make_data(work: Path, num: int, chunks: int, size: int | None = None) -> dict:
-    """Two noisy sets (simple only; half complex) in parallel chunks, then their cleaned copies."""
-    sets = {"simple_noisy": 0.0, "complex_noisy": 0.5}
+def make_data(work: Path, num: int, chunks: int, size: int | None = None,
+              only: tuple[str, ...] = ("simple_noisy", "complex_noisy")) -> dict:
+    """Two noisy sets (simple only; half complex) in parallel chunks, then their cleaned copies; `only` those named."""
+    sets = {k: v for k, v in {"simple_noisy": 0.0, "complex_noisy": 0.5}.items() if k in only}
     if all((work / n.replace("noisy", "clean") / f"part{c}" / "report.json").is_file() for n in sets for c in range(chunks)):
         return _cleaning_report(work, sets, chunks)  # made by an earlier --data-only call
     cmds = []
@@ -104,11 +105,12 @@ def common_overrides(a, compile_: bool) -> list[str]:
     return ov + (["--model.encoders", a.encoders] if a.encoders else [])
 
 
-def warm_compile_cache(a, work: Path, gpus: int) -> list[subprocess.Popen]:
-    """A few compiled steps with and without ITC (the same shapes as the runs, on-the-fly synthetic data) while the
-    data sets are made, so the runs start from inductor's on-disk caches instead of each compiling for a minute."""
+def warm_compile_cache(a, work: Path, gpus: int, with_itc: bool = True) -> list[subprocess.Popen]:
+    """A few compiled steps without and (with_itc) with ITC (the same shapes as the runs, on-the-fly synthetic data)
+    while the data sets are made, so the runs start from inductor's on-disk caches instead of compiling for a minute."""
     procs = []
-    modes = [(0.0, "default"), (a.itc_weight, "default")] + ([(0.0, "reduce-overhead")] if a.cuda_graphs else [])
+    modes = ([(0.0, "default")] + ([(a.itc_weight, "default")] if with_itc else [])
+             + ([(0.0, "reduce-overhead")] if a.cuda_graphs else []))
     for i, (itc, mode) in enumerate(modes):
         ov = ["train", "--config", str(ROOT / a.config), "--model.preset", a.preset, "--data.source", "synthetic",
               "--data.caption_dropout", str(a.caption_dropout), "--train.steps", "12", "--train.batch_size",
@@ -119,6 +121,32 @@ def warm_compile_cache(a, work: Path, gpus: int) -> list[subprocess.Popen]:
         procs.append(subprocess.Popen(PY + ov, env=env, cwd=ROOT, stdout=open(work / f"warm{i}.log", "w"),
                                       stderr=subprocess.STDOUT))
     return procs
+
+
+def cache_cmd(a, work: Path, d: str, resolution: int | None, env: dict) -> tuple[list[str], dict, Path]:
+    """`fluxtrain cache` of data set d into work/cache-d: latents and embeddings once, so steps skip PNG, VAE, text."""
+    return (PY + ["cache", "--config", str(ROOT / a.config), "--out", str(work / f"cache-{d}"),
+                  "--data.path", str(work / d / "part*" / "*.tar"), "--batch-size", "256"]
+            + (["--data.resolution", str(resolution)] if resolution else [])
+            + (["--model.encoders", a.encoders] if a.encoders else []), env, work / f"cache-{d}.log")
+
+
+def train_args(a, path: Path, run: Path, seed: int, itc: float | None, compile_: bool) -> list[str]:
+    """`fluxtrain train` arguments of one run (itc None: a.itc_weight); it checkpoints only at its end (SIGTERM)."""
+    ov = ["train", "--config", str(ROOT / a.config), "--model.preset", a.preset, "--data.source", a.source,
+          "--data.path", str(path), "--data.seed", str(seed), "--data.caption_dropout", str(a.caption_dropout),
+          "--train.seed", str(seed), "--train.steps", str(a.steps), "--train.batch_size", str(a.batch),
+          "--train.output_dir", str(run), "--optim.lr", str(a.lr), "--checkpoint.interval", str(a.steps),
+          "--train.itc_weight", str(a.itc_weight if itc is None else itc)] + common_overrides(a, compile_)
+    if compile_ and a.cuda_graphs and itc == 0.0:  # ITC's second forward can't share the graphs
+        ov += ["--train.compile_mode", "reduce-overhead"]
+    return ov
+
+
+def eval_cmd(ckpt: Path, seed: int, out: Path, extra: list[str]) -> list[str]:
+    """`fluxtrain eval` of a checkpoint on the held-out complex and simple prompts, with extra options."""
+    return PY + ["eval", "--model", str(ckpt), "--prompts", str(PROMPTS / "complex.txt"), "--prompts",
+                 str(PROMPTS / "simple.txt"), "--seed", str(seed), "--batch", "128"] + extra + ["--out", str(out)]
 
 
 def main() -> int:
@@ -176,11 +204,7 @@ def main() -> int:
     cleaning = make_data(work, a.num, a.chunks, a.resolution)
     if a.source == "cache":  # latents and embeddings once per data set: training steps skip PNG, VAE and text
         sets = sorted({d for arm in a.arms for d in [ARMS[arm][0]]})
-        run_all([(PY + ["cache", "--config", str(ROOT / a.config), "--out", str(work / f"cache-{d}"),
-                        "--data.path", str(work / d / "part*" / "*.tar"), "--batch-size", "256"]
-                  + (["--data.resolution", str(a.resolution)] if a.resolution else [])
-                  + (["--model.encoders", a.encoders] if a.encoders else []),
-                  {"CUDA_VISIBLE_DEVICES": str(i % gpus)} if gpus else {}, work / f"cache-{d}.log")
+        run_all([cache_cmd(a, work, d, a.resolution, {"CUDA_VISIBLE_DEVICES": str(i % gpus)} if gpus else {})
                  for i, d in enumerate(sets) if not (work / f"cache-{d}" / "manifest.json").is_file()])
     data_s = time.time() - t0
     print(f"data ready in {data_s:.0f}s: {cleaning}", flush=True)
@@ -202,13 +226,7 @@ def main() -> int:
         data, itc = ARMS[arm]
         run = work / "runs" / f"{arm}-s{seed}"
         path = work / f"cache-{data}" if a.source == "cache" else work / data / "part*" / "*.tar"
-        ov = ["train", "--config", str(ROOT / a.config), "--model.preset", a.preset, "--data.source", a.source,
-              "--data.path", str(path), "--data.seed", str(seed), "--data.caption_dropout", str(a.caption_dropout),
-              "--train.seed", str(seed), "--train.steps", str(a.steps), "--train.batch_size", str(a.batch),
-              "--train.output_dir", str(run), "--optim.lr", str(a.lr), "--checkpoint.interval", str(a.steps),
-              "--train.itc_weight", str(a.itc_weight if itc is None else itc)] + common_overrides(a, compile_)
-        if compile_ and a.cuda_graphs and itc == 0.0:  # ITC's second forward can't share the graphs
-            ov += ["--train.compile_mode", "reduce-overhead"]
+        ov = train_args(a, path, run, seed, itc, compile_)
         dev = {"CUDA_VISIBLE_DEVICES": str(i % gpus)} if gpus else {}
         cmds.append((PY + ov, {**dev, "OMP_NUM_THREADS": "1"}, work / f"train-{arm}-s{seed}.log"))
     per_round = len(cmds) if not a.runs_per_gpu else max(1, gpus) * a.runs_per_gpu
@@ -222,11 +240,8 @@ def main() -> int:
         for es in a.eval_seeds:
             if ckpts:
                 dev = {"CUDA_VISIBLE_DEVICES": str(i % gpus)} if gpus else {}
-                evals.append((PY + ["eval", "--model", str(ckpts[-1]), "--prompts", str(PROMPTS / "complex.txt"),
-                                    "--prompts", str(PROMPTS / "simple.txt"), "--seed", str(es), "--batch", "128",
-                                    "--true-cfg", str(a.true_cfg),
-                                    "--out", str(work / "evals" / f"{arm}-s{seed}-e{es}.json")],
-                              dev, work / f"eval-{arm}-s{seed}-e{es}.log"))
+                evals.append((eval_cmd(ckpts[-1], es, work / "evals" / f"{arm}-s{seed}-e{es}.json",
+                                       ["--true-cfg", str(a.true_cfg)]), dev, work / f"eval-{arm}-s{seed}-e{es}.log"))
     (work / "evals").mkdir(exist_ok=True)
     run_all(evals)
 

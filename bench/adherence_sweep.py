@@ -1,0 +1,219 @@
+"""A learning-speed sweep on the synthetic prompt-adherence benchmark (issue #6): which settings learn it fastest.
+
+    python bench/adherence_sweep.py --work /tmp/sweep --out bench/sweep --max-minutes 4.5 \\
+        --variants "base=" "lr2e3=--optim.lr 2e-3" "b256=--train.batch_size 256" "r128=--res 128" \\
+        --evals "cfg4=--true-cfg 4" "cfg2=--true-cfg 2"
+
+One training set (--data, default complex_clean: the ablation's "all" arm data, 20% label noise planted, half the
+scenes complex, then cleaned) is made and cached as `bench/adherence_ablation.py` does it, once per resolution a
+variant needs. Each variant NAME=ARGS is the ablation's run without ITC (its config, preset, cache, caption dropout,
+EMA, compile, --cuda-graphs) with ARGS, trainer overrides, appended last; the pseudo-override `--res N` picks the
+resolution of the variant's data, cache and run. Every (variant, seed) run is its own process; all start at once,
+round-robin over the visible GPUs, and get SIGTERM at --max-minutes (the trainer checkpoints and exits 0). Each run's
+checkpoint is then scored under every eval setting NAME=ARGS (`fluxtrain eval` options) and --eval-seeds, all at
+once. The compile caches are warmed for the base shapes only: a variant with another preset, batch or resolution
+compiles on its own (its first_log_s, the wall time of its first logged interval, shows the cost).
+Writes `sweep.json` (per run: steps, samples, train seconds, last loss, samples/s, per-setting passes per split and
+form) and `sweep.md` (one row per variant and eval setting) to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import re
+import shlex
+import shutil
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+import tomllib
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+import adherence_ablation as AA  # noqa: E402
+
+SETS = ["simple_noisy", "simple_clean", "complex_noisy", "complex_clean"]
+FORMS = ["single", "count", "pair", "relation", "complex"]
+
+
+def named(specs: list[str], what: str) -> dict[str, list[str]]:
+    """NAME=ARGS strings → {NAME: [args]}."""
+    out = {}
+    for spec in specs:
+        name, _, args = spec.partition("=")
+        if not re.fullmatch(r"[\w.+-]+", name) or name in out:
+            raise SystemExit(f"bad or repeated {what} name in {spec!r} (NAME=ARGS, NAME of [A-Za-z0-9_.+-])")
+        out[name] = shlex.split(args)
+    return out
+
+
+def pop_res(args: list[str], default: int) -> tuple[int, list[str]]:
+    """The pseudo-override `--res N` taken out of a variant's arguments."""
+    if "--res" not in args:
+        return default, args
+    i = args.index("--res")
+    return int(args[i + 1]), args[:i] + args[i + 2:]
+
+
+def run_summary(run: Path) -> dict:
+    """Steps reached (the last checkpoint), batch, last loss, median samples/s after the first logged interval and
+    that first interval's wall time (start-up and compilation included), from the run's folder."""
+    ckpts = sorted((run / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    cfg = tomllib.loads((run / "config.toml").read_text()) if (run / "config.toml").is_file() else {}
+    log = (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").is_file() else []
+    ms = [m for m in map(json.loads, log) if "loss" in m]
+    sps = [m["samples_per_s"] for m in ms[1:] or ms if m.get("samples_per_s")]
+    steps = int(ckpts[-1].name.split("-")[1]) if ckpts else 0
+    batch = cfg.get("train", {}).get("batch_size", 0) * cfg.get("train", {}).get("grad_accum", 1)
+    return dict(ckpt=str(ckpts[-1]) if ckpts else None, steps=steps, batch=batch, samples=steps * batch,
+                loss=ms[-1]["loss"] if ms else None, samples_per_s=statistics.median(sps) if sps else None,
+                first_log_s=ms[0]["step_time_s"] * ms[0]["step"] if ms and "step_time_s" in ms[0] else None)
+
+
+def mean(xs: list) -> float | None:
+    return statistics.mean(xs) if xs else None
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--work", default="/tmp/sweep")
+    ap.add_argument("--out", default="bench/sweep")
+    ap.add_argument("--variants", nargs="+", default=["base="],
+                    help='NAME=ARGS: trainer overrides, appended last ("lr2e3=--optim.lr 2e-3"); --res N: resolution')
+    ap.add_argument("--evals", nargs="+", default=["cfg4=--true-cfg 4"],
+                    help='NAME=ARGS: fluxtrain eval options, e.g. "cfg4s50=--true-cfg 4 --steps 50"')
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--eval-seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--data", choices=SETS, default="complex_clean")
+    ap.add_argument("--num", type=int, default=32_000, help="samples per data set")
+    ap.add_argument("--chunks", type=int, default=16, help="parallel synth/clean processes per data set")
+    ap.add_argument("--config", default="configs/ablation-small.toml")
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--steps", type=int, default=100_000, help="an upper bound: --max-minutes ends the runs")
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--resolution", type=int, default=64, help="of the variants without --res")
+    ap.add_argument("--caption-dropout", type=float, default=0.1, help="for classifier-free guidance at eval")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--max-minutes", type=float, default=4.5, help="per run (all runs at once)")
+    ap.add_argument("--gpus", type=int, default=None, help="default: all visible")
+    ap.add_argument("--encoders", default=None, help="model.encoders: a tiny-FLUX folder (default: the shipped one)")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="per-block torch.compile (default: on with GPUs); the caches are warmed while data is made")
+    ap.add_argument("--cuda-graphs", action="store_true", help="train.compile_mode = reduce-overhead")
+    ap.add_argument("--ema-decay", type=float, default=0.995, help="score the EMA weights (0: the raw weights)")
+    ap.add_argument("--log-interval", type=int, default=None, help="log.interval (default: the config's)")
+    ap.add_argument("--eval-limit", type=int, default=None, help="fluxtrain eval --limit (smoke runs)")
+    a = ap.parse_args()
+    variants = {n: pop_res(v, a.resolution) for n, v in named(a.variants, "variant").items()}
+    settings = named(a.evals, "eval")
+    a.source, a.itc_weight = "cache", 0.0  # what AA.train_args and AA.warm_compile_cache read
+    work, out = Path(a.work), Path(a.out)
+    work.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    gpus = a.gpus if a.gpus is not None else torch.cuda.device_count()
+    compile_ = a.compile if a.compile is not None else gpus > 0
+
+    def dev(i: int) -> dict:
+        return {"CUDA_VISIBLE_DEVICES": str(i % gpus)} if gpus else {}
+
+    t0 = time.time()
+    warm = AA.warm_compile_cache(a, work, gpus, with_itc=False) if compile_ else []
+    resolutions = sorted({r for r, _ in variants.values()})
+    for r in resolutions:
+        (work / f"r{r}").mkdir(exist_ok=True)
+    only = (a.data.replace("clean", "noisy"),)  # the noisy set that --data is, or is cleaned from
+    with ThreadPoolExecutor(len(resolutions)) as ex:  # the resolutions' data at once
+        made = ex.map(lambda r: AA.make_data(work / f"r{r}", a.num, a.chunks, r, only), resolutions)
+        cleaning = dict(zip(resolutions, made))
+    AA.run_all([AA.cache_cmd(a, work / f"r{r}", a.data, r, dev(i)) for i, r in enumerate(resolutions)
+                if not (work / f"r{r}" / f"cache-{a.data}" / "manifest.json").is_file()])
+    data_s = time.time() - t0
+    print(f"data ready in {data_s:.0f}s: {cleaning}", flush=True)
+    codes = [p.wait() for p in warm]
+    if codes and codes[0]:
+        compile_ = False  # a compiled run that can't start would cost every variant its score
+        print(f"compiled warm-up failed (logs {work}/warm*.log): the runs train eagerly", flush=True)
+    elif a.cuda_graphs and codes and codes[-1]:
+        a.cuda_graphs = False
+        print(f"CUDA-graph warm-up failed (log {work}/warm1.log): default compile mode", flush=True)
+
+    for d in ("runs", "evals"):  # an earlier call's checkpoints and scores must not be taken for this one's
+        shutil.rmtree(work / d, ignore_errors=True)
+    runs = [(v, s) for v in variants for s in a.seeds]
+    cmds = []
+    for i, (v, seed) in enumerate(runs):
+        res, extra = variants[v]
+        ra = copy.copy(a)
+        ra.resolution = res
+        run = work / "runs" / f"{v}-s{seed}"
+        ov = AA.train_args(ra, work / f"r{res}" / f"cache-{a.data}", run, seed, 0.0, compile_)
+        ov += (["--log.interval", str(a.log_interval)] if a.log_interval else []) + extra
+        cmds.append((AA.PY + ov, {**dev(i), "OMP_NUM_THREADS": "1"}, work / f"train-{v}-s{seed}.log"))
+    walls = AA.run_all(cmds, timeout_s=60 * a.max_minutes)
+    summaries = [run_summary(work / "runs" / f"{v}-s{s}") for v, s in runs]
+
+    (work / "evals").mkdir(exist_ok=True)
+    evals = []
+    for (v, seed), sm in zip(runs, summaries):
+        for e, eargs in settings.items():
+            for es in a.eval_seeds if sm["ckpt"] else []:
+                name = f"{v}-s{seed}-{e}-e{es}"
+                lim = ["--limit", str(a.eval_limit)] if a.eval_limit else []
+                evals.append((AA.eval_cmd(Path(sm["ckpt"]), es, work / "evals" / f"{name}.json", lim + eargs),
+                              dev(len(evals)), work / f"eval-{name}.log"))
+    AA.run_all(evals)
+
+    rows = []
+    for (v, seed), sm, wall in zip(runs, summaries, walls):
+        scored = {}
+        for e in settings:
+            rs = [json.loads(p.read_text()) for p in sorted((work / "evals").glob(f"{v}-s{seed}-{e}-e*.json"))]
+            split = {k: mean([r["per_split"][k]["pass"] for r in rs if k in r["per_split"]])
+                     for k in ("complex", "simple")}
+            forms = [f for f in FORMS if any(f in r["per_form"] for r in rs)]
+            scored[e] = dict(**split, per_form={f: mean([r["per_form"][f]["pass"] for r in rs if f in r["per_form"]])
+                                                for f in forms},
+                             n=sum(r["n"] for r in rs), eval_seeds=len(rs))
+        rows.append(dict(variant=v, args=shlex.join(variants[v][1]), res=variants[v][0], seed=seed, train_s=wall,
+                         **{k: x for k, x in sm.items() if k != "ckpt"}, evals=scored))
+        print(json.dumps({k: x for k, x in rows[-1].items() if k != "evals"}), flush=True)
+    result = dict(args=vars(a), data=a.data, cleaning=cleaning, data_s=data_s, gpus=gpus, compiled=compile_,
+                  card=torch.cuda.get_device_name(0) if gpus else "CPU", rows=rows)
+    (out / "sweep.json").write_text(json.dumps(result, indent=1))
+    (out / "sweep.md").write_text(table(result))
+    print(table(result))
+    return 0
+
+
+def pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.1f}%"
+
+
+def table(r: dict) -> str:
+    """One row per (variant, eval setting): passes are means over the variant's seeds (each a mean over eval seeds)."""
+    forms = [f for f in FORMS if any(f in s["per_form"] for row in r["rows"] for s in row["evals"].values())]
+    lines = ["| variant | args | eval | steps | samples | samples/s | complex pass | simple pass | "
+             + " | ".join(forms) + " |", "|---" * (8 + len(forms)) + "|"]
+    by = {}
+    for row in r["rows"]:
+        by.setdefault(row["variant"], []).append(row)
+    for v, rs in by.items():
+        sps = [x["samples_per_s"] for x in rs if x["samples_per_s"]]
+        res = f" (res {rs[0]['res']})" if rs[0]["res"] != r["args"]["resolution"] else ""
+        for e in rs[0]["evals"]:
+            ev = [x["evals"][e] for x in rs if x["evals"][e]["eval_seeds"]]
+            cells = [mean([s[k] for s in ev if s[k] is not None]) for k in ("complex", "simple")]
+            cells += [mean([s["per_form"][f] for s in ev if s["per_form"].get(f) is not None]) for f in forms]
+            lines.append(f"| {v} | `{rs[0]['args'] or '(none)'}`{res} | {e} | {'/'.join(str(x['steps']) for x in rs)} "
+                         f"| {'/'.join(str(x['samples']) for x in rs)} | {f'{mean(sps):.0f}' if sps else '—'} | "
+                         + " | ".join(pct(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
