@@ -68,7 +68,7 @@ def run_summary(run: Path) -> dict:
     sps = [m["samples_per_s"] for m in ms[1:] or ms if m.get("samples_per_s")]
     steps = int(ckpts[-1].name.split("-")[1]) if ckpts else 0
     batch = cfg.get("train", {}).get("batch_size", 0) * cfg.get("train", {}).get("grad_accum", 1)
-    return dict(ckpt=str(ckpts[-1]) if ckpts else None, steps=steps, batch=batch, samples=steps * batch,
+    return dict(ckpt=str(ckpts[-1]) if ckpts else None, earlier=[str(c) for c in ckpts[:-1]], steps=steps, batch=batch, samples=steps * batch,
                 loss=ms[-1]["loss"] if ms else None, samples_per_s=statistics.median(sps) if sps else None,
                 first_log_s=ms[0]["step_time_s"] * ms[0]["step"] if ms and "step_time_s" in ms[0] else None)
 
@@ -106,6 +106,9 @@ def main() -> int:
     ap.add_argument("--ema-decay", type=float, default=0.995, help="score the EMA weights (0: the raw weights)")
     ap.add_argument("--log-interval", type=int, default=None, help="log.interval (default: the config's)")
     ap.add_argument("--eval-limit", type=int, default=None, help="fluxtrain eval --limit (smoke runs)")
+    ap.add_argument("--curve", action="store_true",
+                    help="also score every earlier checkpoint (keep them: --checkpoint.interval N --checkpoint.keep K "
+                         "in the variant) under the first eval setting: a learning curve per run")
     a = ap.parse_args()
     variants = {n: pop_res(v, a.resolution) for n, v in named(a.variants, "variant").items()}
     settings = named(a.evals, "eval")
@@ -142,7 +145,7 @@ def main() -> int:
         a.cuda_graphs = False
         print(f"CUDA-graph warm-up failed (log {work}/warm1.log): default compile mode", flush=True)
 
-    for d in ("runs", "evals"):  # an earlier call's checkpoints and scores must not be taken for this one's
+    for d in ("runs", "evals", "curve"):  # an earlier call's checkpoints and scores must not be taken for this one's
         shutil.rmtree(work / d, ignore_errors=True)
     runs = [(v, s) for v in variants for s in a.seeds]
     cmds = []
@@ -158,6 +161,7 @@ def main() -> int:
     summaries = [run_summary(work / "runs" / f"{v}-s{s}") for v, s in runs]
 
     (work / "evals").mkdir(exist_ok=True)
+    (work / "curve").mkdir(exist_ok=True)
     evals = []
     for (v, seed), sm in zip(runs, summaries):
         for e, eargs in settings.items():
@@ -165,6 +169,13 @@ def main() -> int:
                 name = f"{v}-s{seed}-{e}-e{es}"
                 lim = ["--limit", str(a.eval_limit)] if a.eval_limit else []
                 evals.append((AA.eval_cmd(Path(sm["ckpt"]), es, work / "evals" / f"{name}.json", lim + eargs),
+                              dev(len(evals)), work / f"eval-{name}.log"))
+        first, fargs = next(iter(settings.items()))
+        for ck in sm["earlier"] if a.curve else []:
+            for es in a.eval_seeds:
+                name = f"{v}-s{seed}-{first}-e{es}-{Path(ck).name}"
+                lim = ["--limit", str(a.eval_limit)] if a.eval_limit else []
+                evals.append((AA.eval_cmd(Path(ck), es, work / "curve" / f"{name}.json", lim + fargs),
                               dev(len(evals)), work / f"eval-{name}.log"))
     AA.run_all(evals)
 
@@ -182,7 +193,21 @@ def main() -> int:
         rows.append(dict(variant=v, args=shlex.join(variants[v][1]), res=variants[v][0], seed=seed, train_s=wall,
                          **{k: x for k, x in sm.items() if k != "ckpt"}, evals=scored))
         print(json.dumps({k: x for k, x in rows[-1].items() if k != "evals"}), flush=True)
-    result = dict(args=vars(a), data=a.data, cleaning=cleaning, data_s=data_s, gpus=gpus, compiled=compile_,
+    curve = []  # (variant, seed, step): passes under the first eval setting, earlier checkpoints then the last
+    for (v, seed), row in zip(runs, rows):
+        first = next(iter(settings))
+        for p in sorted((work / "curve").glob(f"{v}-s{seed}-{first}-e*-step-*.json")):
+            r = json.loads(p.read_text())
+            step = int(p.stem.rsplit("-", 1)[1])
+            curve.append(dict(variant=v, seed=seed, step=step, samples=step * row["batch"],
+                              complex=r["per_split"].get("complex", {}).get("pass"),
+                              simple=r["per_split"].get("simple", {}).get("pass"),
+                              per_form={f: x["pass"] for f, x in r["per_form"].items()}))
+        if a.curve and row["evals"].get(first, {}).get("eval_seeds"):
+            last = row["evals"][first]
+            curve.append(dict(variant=v, seed=seed, step=row["steps"], samples=row["samples"], complex=last["complex"],
+                              simple=last["simple"], per_form=last["per_form"]))
+    result = dict(args=vars(a), curve=curve, data=a.data, cleaning=cleaning, data_s=data_s, gpus=gpus, compiled=compile_,
                   card=torch.cuda.get_device_name(0) if gpus else "CPU", rows=rows)
     (out / "sweep.json").write_text(json.dumps(result, indent=1))
     (out / "sweep.md").write_text(table(result))
@@ -212,6 +237,13 @@ def table(r: dict) -> str:
             lines.append(f"| {v} | `{rs[0]['args'] or '(none)'}`{res} | {e} | {'/'.join(str(x['steps']) for x in rs)} "
                          f"| {'/'.join(str(x['samples']) for x in rs)} | {f'{mean(sps):.0f}' if sps else '—'} | "
                          + " | ".join(pct(c) for c in cells) + " |")
+    if r.get("curve"):
+        lines += ["", f"Learning curve ({next(iter(r['rows'][0]['evals']))}, per eval seed):", "",
+                  "| variant | seed | step | samples | complex pass | simple pass | " + " | ".join(forms) + " |",
+                  "|---" * (6 + len(forms)) + "|"]
+        for c in sorted(r["curve"], key=lambda c: (c["variant"], c["seed"], c["step"])):
+            lines.append(f"| {c['variant']} | {c['seed']} | {c['step']} | {c['samples']} | {pct(c['complex'])} | "
+                         f"{pct(c['simple'])} | " + " | ".join(pct(c["per_form"].get(f)) for f in forms) + " |")
     return "\n".join(lines) + "\n"
 
 
