@@ -13,6 +13,9 @@ Every (arm, seed) run is its own process; runs go round-robin over the visible G
 model is launch-bound, so several share a GPU), or in rounds of --runs-per-gpu per GPU (1: each run has a GPU to
 itself; there CUDA graphs, --cuda-graphs, give 1.6x the steps). A run still going at --max-minutes gets SIGTERM,
 which makes the trainer checkpoint and exit 0: it is then scored at the step it reached (the table says which).
+Text encoders (--encoders): by default the shipped tiny folder with its T5 trained to bind each object phrase's
+colour, shape, count and relation role to its tokens (`python -m fluxtrain.models.tiny --text-binding`), as a
+pretrained T5 would; runs v1-v5 used the shipped random T5 (`--encoders shipped`).
 Writes `ablation.json` and `ablation.md` (the table) to --out; --merge joins the tables of calls that ran different
 arms.
 """
@@ -105,6 +108,19 @@ def common_overrides(a, compile_: bool) -> list[str]:
     return ov + (["--model.encoders", a.encoders] if a.encoders else [])
 
 
+def resolve_encoders(a, work: Path) -> None:
+    """a.encoders → a folder: 'bind' makes (once) the shipped folder with its T5 trained to bind object phrases
+    (fluxtrain.models.tiny.train_text_binding, ~10 s on a CPU of the GPU machine); 'shipped' → the shipped one."""
+    if a.encoders == "shipped":
+        a.encoders = None
+    elif a.encoders == "bind":
+        from fluxtrain.models.tiny import tiny_folder, train_text_binding
+
+        a.encoders = str(work / "tiny-bind")
+        if not (work / "tiny-bind" / "text_encoder_2" / "model.safetensors").is_file():
+            train_text_binding(tiny_folder(), work / "tiny-bind", log=lambda *_: None)
+
+
 def warm_compile_cache(a, work: Path, gpus: int, with_itc: bool = True) -> list[subprocess.Popen]:
     """A few compiled steps without and (with_itc) with ITC (the same shapes as the runs, on-the-fly synthetic data)
     while the data sets are made, so the runs start from inductor's on-disk caches instead of compiling for a minute."""
@@ -172,7 +188,9 @@ def main() -> int:
     ap.add_argument("--max-minutes", type=float, default=5.0, help="per arm (all arms run at once)")
     ap.add_argument("--eval-seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--gpus", type=int, default=None, help="default: all visible")
-    ap.add_argument("--encoders", default=None, help="model.encoders: a tiny-FLUX folder (default: the shipped one)")
+    ap.add_argument("--encoders", default="bind",
+                    help="model.encoders: a tiny-FLUX folder; 'bind' (default): the shipped one with its T5 trained to "
+                         "bind (made in WORK/tiny-bind); 'shipped': the shipped random encoders (runs v1-v5)")
     ap.add_argument("--data-only", action="store_true", help="make the data sets and stop")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                     help="per-block torch.compile (default: on with GPUs); the caches are warmed while data is made")
@@ -200,6 +218,7 @@ def main() -> int:
     gpus = a.gpus if a.gpus is not None else torch.cuda.device_count()
     compile_ = a.compile if a.compile is not None else gpus > 0
     t0 = time.time()
+    resolve_encoders(a, work)
     warm = warm_compile_cache(a, work, gpus) if compile_ and not a.data_only else []
     cleaning = make_data(work, a.num, a.chunks, a.resolution)
     if a.source == "cache":  # latents and embeddings once per data set: training steps skip PNG, VAE and text

@@ -99,7 +99,8 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--max-minutes", type=float, default=4.5, help="per run (all runs at once)")
     ap.add_argument("--gpus", type=int, default=None, help="default: all visible")
-    ap.add_argument("--encoders", default=None, help="model.encoders: a tiny-FLUX folder (default: the shipped one)")
+    ap.add_argument("--encoders", default="shipped",
+                    help="a tiny-FLUX folder, 'shipped' (default; gpu_run36/37) or 'bind' (as the ablation's --encoders)")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                     help="per-block torch.compile (default: on with GPUs); the caches are warmed while data is made")
     ap.add_argument("--cuda-graphs", action="store_true", help="train.compile_mode = reduce-overhead")
@@ -125,6 +126,7 @@ def main() -> int:
         return {"CUDA_VISIBLE_DEVICES": str(i % gpus)} if gpus else {}
 
     t0 = time.time()
+    AA.resolve_encoders(a, work)
     warm = AA.warm_compile_cache(a, work, gpus, with_itc=False) if compile_ else []
     resolutions = sorted({r for r, _ in variants.values()})
     for r in resolutions:

@@ -193,7 +193,7 @@ def _binding_labels(caption: str) -> list[tuple[int, int, int, int] | None]:
     return out
 
 
-def train_text_binding(folder: str | Path, out: str | Path, steps: int = 1500, batch: int = 256, seed: int = 0,
+def train_text_binding(folder: str | Path, out: str | Path, steps: int = 600, batch: int = 256, seed: int = 0,
                        device: str = "cpu", log=print) -> Path:
     """A copy of a tiny FLUX folder whose T5 is trained to bind: every token of an object phrase predicts that
     object's colour, shape, count and relation role from its own output vector (linear heads, dropped after).
@@ -286,7 +286,7 @@ if __name__ == "__main__":
     ap.add_argument("--check", action="store_true", help="print the checker's pass rate on VAE round trips")
     ap.add_argument("--text-binding", default=None, metavar="FOLDER",
                     help="instead: copy FOLDER to --out with its T5 trained to bind (train_text_binding)")
-    ap.add_argument("--text-steps", type=int, default=1500)
+    ap.add_argument("--text-steps", type=int, default=600)
     a = ap.parse_args()
     if a.text_binding:
         print(train_text_binding(a.text_binding, a.out, a.text_steps, device=a.device))
