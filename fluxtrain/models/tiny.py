@@ -208,6 +208,8 @@ def train_text_binding(folder: str | Path, out: str | Path, steps: int = 600, ba
     from fluxtrain.data.prompts import format_spec, sample_spec
 
     out = Path(out)
+    if out.resolve() in (Path(folder).resolve(), SHIPPED.resolve()):
+        raise ValueError(f"train_text_binding writes a copy: give an --out other than {out} (the source or the shipped folder)")
     if out.exists():
         shutil.rmtree(out)
     shutil.copytree(folder, out)

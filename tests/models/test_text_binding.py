@@ -61,3 +61,9 @@ def test_only_the_t5_changes(bound):
         assert not (cmp.diff_files or cmp.left_only or cmp.right_only), part
     assert not filecmp.cmp(tiny_folder() / "text_encoder_2" / "model.safetensors",
                            bound / "text_encoder_2" / "model.safetensors", shallow=False)
+
+
+def test_it_refuses_to_overwrite_its_source_or_the_shipped_folder(tmp_path):
+    with pytest.raises(ValueError, match="writes a copy"):
+        train_text_binding(tiny_folder(), tiny_folder(), steps=1)
+    assert (tiny_folder() / "text_encoder_2" / "model.safetensors").is_file()
