@@ -110,7 +110,8 @@ def common_overrides(a, compile_: bool) -> list[str]:
 
 def resolve_encoders(a, work: Path) -> None:
     """a.encoders → a folder: 'bind' makes (once) the shipped folder with its T5 trained to bind object phrases
-    (fluxtrain.models.tiny.train_text_binding, ~10 s on a CPU of the GPU machine); 'shipped' → the shipped one."""
+    (fluxtrain.models.tiny.train_text_binding: seconds on a GPU, ~1 min on 2 CPU cores); 'shipped': the shipped
+    one."""
     if a.encoders == "shipped":
         a.encoders = None
     elif a.encoders == "bind":
@@ -118,7 +119,10 @@ def resolve_encoders(a, work: Path) -> None:
 
         a.encoders = str(work / "tiny-bind")
         if not (work / "tiny-bind" / "text_encoder_2" / "model.safetensors").is_file():
-            train_text_binding(tiny_folder(), work / "tiny-bind", log=lambda *_: None)
+            import torch
+
+            train_text_binding(tiny_folder(), work / "tiny-bind", device="cuda" if torch.cuda.is_available() else "cpu",
+                               log=lambda *_: None)
 
 
 def warm_compile_cache(a, work: Path, gpus: int, with_itc: bool = True) -> list[subprocess.Popen]:

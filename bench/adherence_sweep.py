@@ -68,7 +68,8 @@ def run_summary(run: Path) -> dict:
     sps = [m["samples_per_s"] for m in ms[1:] or ms if m.get("samples_per_s")]
     steps = int(ckpts[-1].name.split("-")[1]) if ckpts else 0
     batch = cfg.get("train", {}).get("batch_size", 0) * cfg.get("train", {}).get("grad_accum", 1)
-    return dict(ckpt=str(ckpts[-1]) if ckpts else None, earlier=[str(c) for c in ckpts[:-1]], steps=steps, batch=batch, samples=steps * batch,
+    return dict(ckpt=str(ckpts[-1]) if ckpts else None, earlier=[str(c) for c in ckpts[:-1]], steps=steps,
+                batch=batch, samples=steps * batch,
                 loss=ms[-1]["loss"] if ms else None, samples_per_s=statistics.median(sps) if sps else None,
                 first_log_s=ms[0]["step_time_s"] * ms[0]["step"] if ms and "step_time_s" in ms[0] else None)
 
@@ -100,7 +101,8 @@ def main() -> int:
     ap.add_argument("--max-minutes", type=float, default=4.5, help="per run (all runs at once)")
     ap.add_argument("--gpus", type=int, default=None, help="default: all visible")
     ap.add_argument("--encoders", default="shipped",
-                    help="a tiny-FLUX folder, 'shipped' (default; gpu_run36/37) or 'bind' (as the ablation's --encoders)")
+                    help="a tiny-FLUX folder, 'shipped' (default; gpu_run36/37) or 'bind' (as the ablation's "
+                         "--encoders)")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                     help="per-block torch.compile (default: on with GPUs); the caches are warmed while data is made")
     ap.add_argument("--cuda-graphs", action="store_true", help="train.compile_mode = reduce-overhead")
@@ -209,7 +211,8 @@ def main() -> int:
             last = row["evals"][first]
             curve.append(dict(variant=v, seed=seed, step=row["steps"], samples=row["samples"], complex=last["complex"],
                               simple=last["simple"], per_form=last["per_form"]))
-    result = dict(args=vars(a), curve=curve, data=a.data, cleaning=cleaning, data_s=data_s, gpus=gpus, compiled=compile_,
+    result = dict(args=vars(a), curve=curve, data=a.data, cleaning=cleaning, data_s=data_s, gpus=gpus,
+                  compiled=compile_,
                   card=torch.cuda.get_device_name(0) if gpus else "CPU", rows=rows)
     (out / "sweep.json").write_text(json.dumps(result, indent=1))
     (out / "sweep.md").write_text(table(result))

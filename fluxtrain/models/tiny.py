@@ -184,7 +184,8 @@ def _binding_labels(caption: str) -> list[tuple[int, int, int, int] | None]:
             rel = next((r for r in RELATIONS if " ".join(words[i + 3:i + 3 + len(r.split())]) == r), None)
             role = 5 + pending if pending is not None else (1 + RELATIONS.index(rel) if rel else 0)
             pending = RELATIONS.index(rel) if rel else None
-            lab = (list(COLORS).index(words[i + 1]), SHAPES.index(words[i + 2].rstrip("s")), _COUNTS[words[i]] - 1, role)
+            lab = (list(COLORS).index(words[i + 1]), SHAPES.index(words[i + 2].rstrip("s")), _COUNTS[words[i]] - 1,
+                   role)
             out += [lab] * 3
             i += 3
         else:
@@ -209,7 +210,8 @@ def train_text_binding(folder: str | Path, out: str | Path, steps: int = 600, ba
 
     out = Path(out)
     if out.resolve() in (Path(folder).resolve(), SHIPPED.resolve()):
-        raise ValueError(f"train_text_binding writes a copy: give an --out other than {out} (the source or the shipped folder)")
+        raise ValueError(f"train_text_binding writes a copy: give an --out other than {out} (the source or the "
+                         "shipped folder)")
     if out.exists():
         shutil.rmtree(out)
     shutil.copytree(folder, out)
