@@ -295,8 +295,10 @@ def table(r: dict) -> str:
         by.setdefault(row["arm"], []).append(row)
     base = [x["complex"] for x in by.get("baseline", []) if x["complex"] is not None]
     base_m = statistics.mean(base) if base else None
-    lines = ["| arm | seeds | steps reached | train min | complex pass (per seed) | mean ± half-range | gain vs baseline "
-             "| simple pass |", "|---|---|---|---|---|---|---|---|"]
+    enc = r.get("args", {}).get("encoders")
+    head = [f"Text encoders: {'the shipped random T5' if not enc else enc}", ""]
+    lines = head + ["| arm | seeds | steps reached | train min | complex pass (per seed) | mean ± half-range "
+                    "| gain vs baseline | simple pass |", "|---|---|---|---|---|---|---|---|"]
     for arm, rs in by.items():
         cx = [x["complex"] for x in rs if x["complex"] is not None]
         sp = [x["simple"] for x in rs if x["simple"] is not None]
