@@ -66,6 +66,11 @@ def run_all(cmds: list[tuple[list[str], dict, Path]], timeout_s: float | None = 
     return done
 
 
+def gpu_env(i: int, gpus: int) -> dict:
+    """Process i's GPU, round-robin over `gpus` (none on a CPU machine)."""
+    return {"CUDA_VISIBLE_DEVICES": str(i % gpus)} if gpus else {}
+
+
 def make_data(work: Path, num: int, chunks: int, size: int | None = None,
               only: tuple[str, ...] = ("simple_noisy", "complex_noisy")) -> dict:
     """Two noisy sets (simple only; half complex) in parallel chunks, then their cleaned copies; `only` those named."""
@@ -137,7 +142,7 @@ def warm_compile_cache(a, work: Path, gpus: int, with_itc: bool = True) -> list[
               str(a.batch), "--train.output_dir", str(work / f"warm{i}"), "--checkpoint.interval", "1000",
               "--eval.interval", "0", "--log.interval", "4", "--train.itc_weight", str(itc),
               "--train.compile_mode", mode] + common_overrides(a, True)
-        env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(i % gpus)} if gpus else dict(os.environ)
+        env = {**os.environ, **gpu_env(i, gpus)}
         procs.append(subprocess.Popen(PY + ov, env=env, cwd=ROOT, stdout=open(work / f"warm{i}.log", "w"),
                                       stderr=subprocess.STDOUT))
     return procs
@@ -227,7 +232,7 @@ def main() -> int:
     cleaning = make_data(work, a.num, a.chunks, a.resolution)
     if a.source == "cache":  # latents and embeddings once per data set: training steps skip PNG, VAE and text
         sets = sorted({d for arm in a.arms for d in [ARMS[arm][0]]})
-        run_all([cache_cmd(a, work, d, a.resolution, {"CUDA_VISIBLE_DEVICES": str(i % gpus)} if gpus else {})
+        run_all([cache_cmd(a, work, d, a.resolution, gpu_env(i, gpus))
                  for i, d in enumerate(sets) if not (work / f"cache-{d}" / "manifest.json").is_file()])
     data_s = time.time() - t0
     print(f"data ready in {data_s:.0f}s: {cleaning}", flush=True)
@@ -250,8 +255,7 @@ def main() -> int:
         run = work / "runs" / f"{arm}-s{seed}"
         path = work / f"cache-{data}" if a.source == "cache" else work / data / "part*" / "*.tar"
         ov = train_args(a, path, run, seed, itc, compile_)
-        dev = {"CUDA_VISIBLE_DEVICES": str(i % gpus)} if gpus else {}
-        cmds.append((PY + ov, {**dev, "OMP_NUM_THREADS": "1"}, work / f"train-{arm}-s{seed}.log"))
+        cmds.append((PY + ov, {**gpu_env(i, gpus), "OMP_NUM_THREADS": "1"}, work / f"train-{arm}-s{seed}.log"))
     per_round = len(cmds) if not a.runs_per_gpu else max(1, gpus) * a.runs_per_gpu
     walls = []
     for r in range(0, len(cmds), per_round):  # rounds: at most runs_per_gpu runs share a GPU
@@ -262,9 +266,9 @@ def main() -> int:
         ckpts = sorted((work / "runs" / f"{arm}-s{seed}" / "checkpoints").glob("step-*"))
         for es in a.eval_seeds:
             if ckpts:
-                dev = {"CUDA_VISIBLE_DEVICES": str(i % gpus)} if gpus else {}
                 evals.append((eval_cmd(ckpts[-1], es, work / "evals" / f"{arm}-s{seed}-e{es}.json",
-                                       ["--true-cfg", str(a.true_cfg)]), dev, work / f"eval-{arm}-s{seed}-e{es}.log"))
+                                       ["--true-cfg", str(a.true_cfg)]), gpu_env(i, gpus),
+                              work / f"eval-{arm}-s{seed}-e{es}.log"))
     (work / "evals").mkdir(exist_ok=True)
     run_all(evals)
 

@@ -124,9 +124,6 @@ def main() -> int:
     gpus = a.gpus if a.gpus is not None else torch.cuda.device_count()
     compile_ = a.compile if a.compile is not None else gpus > 0
 
-    def dev(i: int) -> dict:
-        return {"CUDA_VISIBLE_DEVICES": str(i % gpus)} if gpus else {}
-
     t0 = time.time()
     AA.resolve_encoders(a, work)
     warm = AA.warm_compile_cache(a, work, gpus, with_itc=False) if compile_ else []
@@ -137,7 +134,7 @@ def main() -> int:
     with ThreadPoolExecutor(len(resolutions)) as ex:  # the resolutions' data at once
         made = ex.map(lambda r: AA.make_data(work / f"r{r}", a.num, a.chunks, r, only), resolutions)
         cleaning = dict(zip(resolutions, made))
-    AA.run_all([AA.cache_cmd(a, work / f"r{r}", a.data, r, dev(i)) for i, r in enumerate(resolutions)
+    AA.run_all([AA.cache_cmd(a, work / f"r{r}", a.data, r, AA.gpu_env(i, gpus)) for i, r in enumerate(resolutions)
                 if not (work / f"r{r}" / f"cache-{a.data}" / "manifest.json").is_file()])
     data_s = time.time() - t0
     print(f"data ready in {data_s:.0f}s: {cleaning}", flush=True)
@@ -160,27 +157,24 @@ def main() -> int:
         run = work / "runs" / f"{v}-s{seed}"
         ov = AA.train_args(ra, work / f"r{res}" / f"cache-{a.data}", run, seed, 0.0, compile_)
         ov += (["--log.interval", str(a.log_interval)] if a.log_interval else []) + extra
-        cmds.append((AA.PY + ov, {**dev(i), "OMP_NUM_THREADS": "1"}, work / f"train-{v}-s{seed}.log"))
+        cmds.append((AA.PY + ov, {**AA.gpu_env(i, gpus), "OMP_NUM_THREADS": "1"}, work / f"train-{v}-s{seed}.log"))
     walls = AA.run_all(cmds, timeout_s=60 * a.max_minutes)
     summaries = [run_summary(work / "runs" / f"{v}-s{s}") for v, s in runs]
 
     (work / "evals").mkdir(exist_ok=True)
     (work / "curve").mkdir(exist_ok=True)
     evals = []
+    lim = ["--limit", str(a.eval_limit)] if a.eval_limit else []
+    first = next(iter(settings))
     for (v, seed), sm in zip(runs, summaries):
-        for e, eargs in settings.items():
-            for es in a.eval_seeds if sm["ckpt"] else []:
-                name = f"{v}-s{seed}-{e}-e{es}"
-                lim = ["--limit", str(a.eval_limit)] if a.eval_limit else []
-                evals.append((AA.eval_cmd(Path(sm["ckpt"]), es, work / "evals" / f"{name}.json", lim + eargs),
-                              dev(len(evals)), work / f"eval-{name}.log"))
-        first, fargs = next(iter(settings.items()))
-        for ck in sm["earlier"] if a.curve else []:
+        # (checkpoint, setting, folder, name suffix): the last under every setting, earlier ones (--curve) the first
+        jobs = [(sm["ckpt"], e, "evals", "") for e in settings if sm["ckpt"]]
+        jobs += [(ck, first, "curve", f"-{Path(ck).name}") for ck in (sm["earlier"] if a.curve else [])]
+        for ck, e, folder, suffix in jobs:
             for es in a.eval_seeds:
-                name = f"{v}-s{seed}-{first}-e{es}-{Path(ck).name}"
-                lim = ["--limit", str(a.eval_limit)] if a.eval_limit else []
-                evals.append((AA.eval_cmd(Path(ck), es, work / "curve" / f"{name}.json", lim + fargs),
-                              dev(len(evals)), work / f"eval-{name}.log"))
+                name = f"{v}-s{seed}-{e}-e{es}{suffix}"
+                evals.append((AA.eval_cmd(Path(ck), es, work / folder / f"{name}.json", lim + settings[e]),
+                              AA.gpu_env(len(evals), gpus), work / f"eval-{name}.log"))
     AA.run_all(evals)
 
     rows = []
@@ -199,7 +193,6 @@ def main() -> int:
         print(json.dumps({k: x for k, x in rows[-1].items() if k != "evals"}), flush=True)
     curve = []  # (variant, seed, step): passes under the first eval setting, earlier checkpoints then the last
     for (v, seed), row in zip(runs, rows):
-        first = next(iter(settings))
         for p in sorted((work / "curve").glob(f"{v}-s{seed}-{first}-e*-step-*.json")):
             r = json.loads(p.read_text())
             step = int(p.stem.rsplit("-", 1)[1])

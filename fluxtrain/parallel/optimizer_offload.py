@@ -70,6 +70,11 @@ def _gather_streams(modules) -> list:
     return []
 
 
+def ring_elems(unit_sizes: list[int], buffer_bytes: float = 0) -> int:
+    """The GPU ring's fp32 elements: room for two of the largest unit's m and v, or buffer_bytes if more."""
+    return max(2 * 2 * max(unit_sizes), int(buffer_bytes) // 4)
+
+
 class Ring:
     """Regions of a circular buffer handed out in issue order. A region is in flight (its event None) until its unit
     is released with the event after its last use (the copy out); `alloc` returns the events of the released regions
@@ -139,7 +144,7 @@ class OffloadedAdamW(torch.optim.AdamW):
         self._staged: list[tuple | None] = [None] * n  # (ring region, copy-in event) of a unit copied in early
         if self.cuda:
             self._h2d, self._upd, self._d2h = (torch.cuda.Stream(self.device) for _ in range(3))
-            self.ring_elems = max(2 * 2 * max(self._sizes), int(buffer_bytes) // 4)
+            self.ring_elems = ring_elems(self._sizes, buffer_bytes)
             self._buf = torch.empty(self.ring_elems, device=self.device)
             # The ring comes from the compute stream's pool: its memory may still be in use by kernels queued there
             # (a freed temporary's), which the copy streams would not wait for. They wait once, here.

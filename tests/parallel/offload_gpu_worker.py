@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from fluxtrain import config as C
-from fluxtrain.parallel.optimizer_offload import OffloadedAdamW, _local, units
+from fluxtrain.parallel.optimizer_offload import OffloadedAdamW, _local, ring_elems, units
 from fluxtrain.train import train
 from tests.helpers import FAST
 
@@ -39,7 +39,7 @@ def nan_ring(init):
     read its moments before they arrived would go NaN."""
     def filled(self, model, *a, buffer_bytes=0, **kw):
         sizes = [sum(_local(p).numel() for p in ps) for _, ps in units(model) if ps]
-        tmp = torch.empty(max(4 * max(sizes), int(buffer_bytes) // 4), device="cuda")
+        tmp = torch.empty(ring_elems(sizes, buffer_bytes), device="cuda")
         torch.cuda._sleep(1_000_000_000)
         tmp.fill_(float("nan"))
         ptr = tmp.data_ptr()
