@@ -94,6 +94,8 @@ def main() -> int:
     ap.add_argument("--config", default="configs/ablation-small.toml")
     ap.add_argument("--preset", default="small")
     ap.add_argument("--steps", type=int, default=100_000, help="an upper bound: --max-minutes ends the runs")
+    ap.add_argument("--schedule", choices=["constant", "cosine", "linear"], default="constant",
+                    help="optim.schedule over --steps (cosine: set --steps to what --max-minutes allows)")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--resolution", type=int, default=64, help="of the variants without --res")
     ap.add_argument("--caption-dropout", type=float, default=0.1, help="for classifier-free guidance at eval")
@@ -193,13 +195,15 @@ def main() -> int:
         print(json.dumps({k: x for k, x in rows[-1].items() if k != "evals"}), flush=True)
     curve = []  # (variant, seed, step): passes under the first eval setting, earlier checkpoints then the last
     for (v, seed), row in zip(runs, rows):
+        by_step: dict[int, list[dict]] = {}
         for p in sorted((work / "curve").glob(f"{v}-s{seed}-{first}-e*-step-*.json")):
-            r = json.loads(p.read_text())
-            step = int(p.stem.rsplit("-", 1)[1])
+            by_step.setdefault(int(p.stem.rsplit("-", 1)[1]), []).append(json.loads(p.read_text()))
+        for step, rs in sorted(by_step.items()):  # the mean over eval seeds, like the last checkpoint's row
             curve.append(dict(variant=v, seed=seed, step=step, samples=step * row["batch"],
-                              complex=r["per_split"].get("complex", {}).get("pass"),
-                              simple=r["per_split"].get("simple", {}).get("pass"),
-                              per_form={f: x["pass"] for f, x in r["per_form"].items()}))
+                              **{k: mean([r["per_split"][k]["pass"] for r in rs if k in r["per_split"]])
+                                 for k in ("complex", "simple")},
+                              per_form={f: mean([r["per_form"][f]["pass"] for r in rs if f in r["per_form"]])
+                                        for f in FORMS if any(f in r["per_form"] for r in rs)}))
         if a.curve and row["evals"].get(first, {}).get("eval_seeds"):
             last = row["evals"][first]
             curve.append(dict(variant=v, seed=seed, step=row["steps"], samples=row["samples"], complex=last["complex"],
@@ -236,7 +240,7 @@ def table(r: dict) -> str:
                          f"| {'/'.join(str(x['samples']) for x in rs)} | {f'{mean(sps):.0f}' if sps else '—'} | "
                          + " | ".join(pct(c) for c in cells) + " |")
     if r.get("curve"):
-        lines += ["", f"Learning curve ({next(iter(r['rows'][0]['evals']))}, per eval seed):", "",
+        lines += ["", f"Learning curve ({next(iter(r['rows'][0]['evals']))}, mean over eval seeds):", "",
                   "| variant | seed | step | samples | complex pass | simple pass | " + " | ".join(forms) + " |",
                   "|---" * (6 + len(forms)) + "|"]
         for c in sorted(r["curve"], key=lambda c: (c["variant"], c["seed"], c["step"])):
