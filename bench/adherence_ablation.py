@@ -166,7 +166,7 @@ def train_args(a, path: Path, run: Path, seed: int, itc: float | None, compile_:
           "--train.output_dir", str(run), "--optim.lr", str(a.lr), "--optim.schedule", a.schedule,
           "--checkpoint.interval", str(a.steps),
           "--train.itc_weight", str(a.itc_weight if itc is None else itc)] + common_overrides(a, compile_)
-    if compile_ and a.cuda_graphs and itc == 0.0:  # ITC's second forward can't share the graphs
+    if compile_ and a.cuda_graphs and itc == 0.0:  # ITC is not proven under CUDA graphs (config.py)
         ov += ["--train.compile_mode", "reduce-overhead"]
     return ov
 

@@ -424,7 +424,7 @@ def validate(cfg: Config) -> None:
         if not t.compile:
             why = "train.compile is false"
         elif t.itc_weight > 0:
-            why = "train.itc_weight > 0 (its second forward would overwrite the graphs' outputs)"
+            why = "train.itc_weight > 0 (ITC's capture hook inside the compiled blocks is not proven under CUDA graphs)"
         elif t.grad_accum > 1:  # seen on an H200: "accessing tensor output of CUDAGraphs that has been overwritten"
             why = "train.grad_accum > 1 (the next micro-batch's replay overwrites outputs the backward still needs)"
         elif p.optimizer_offload:

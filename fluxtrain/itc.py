@@ -177,12 +177,17 @@ def head_for(model: nn.Module, text_dim: int, proj_dim: int = 256, temperature: 
     return ITCHead(c.num_attention_heads * c.attention_head_dim, text_dim, proj_dim, temperature)
 
 
+# FluxTransformer2DModel.forward's per-sample arguments (the position ids are shared by the batch)
+_BATCHED = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance")
+
+
 class ITCObjective:
     """The trainer's side of ITC: a head sharded like the model, its own optimizer, and the auxiliary loss.
 
-    Image features come from a second forward of the same noisy latents with the *empty* prompt: on the
-    text-conditioned pass the head can match captions from text leaking through joint attention alone (held-out
-    ITC loss 1.32 on pure noise + caption vs 1.32 on image + empty prompt, 0.77 on image + caption).
+    Image features come from the same noisy latents with the *empty* prompt (a copy of the batch that joins it in
+    one forward): on the text-conditioned pass the head can match captions from text leaking through joint
+    attention alone (held-out ITC loss 1.32 on pure noise + caption vs 1.32 on image + empty prompt, 0.77 on
+    image + caption).
     """
 
     def __init__(self, model: nn.Module, mesh, text_dim: int, weight: float, optim_cfg, total_steps: int,
@@ -200,18 +205,41 @@ class ITCObjective:
         self.opt = build_optimizer(self.head.parameters(), optim_cfg)
         self.sched = build_scheduler(self.opt, total_steps, optim_cfg)
 
+    def forward(self, model, inputs: dict, empty_seq: torch.Tensor, empty_pooled: torch.Tensor,
+                pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's prediction for `inputs` and the weighted ITC loss, from one forward of the batch joined with
+        its empty-prompt copy: one pass over the blocks (under FSDP one all-gather each, not two) with the same
+        results as two forwards, the model treating each sample on its own. An empty prompt of another length than
+        the captions can't join the batch: then two forwards."""
+        uncond = self._uncond(inputs, empty_seq, empty_pooled)
+        if uncond["encoder_hidden_states"].shape[1:] != inputs["encoder_hidden_states"].shape[1:]:
+            return model(**inputs)[0], self.loss(model, inputs, empty_seq, empty_pooled, pooled)
+        b = inputs["hidden_states"].shape[0]
+        joint = {k: torch.cat([v, uncond[k]]) if k in _BATCHED and v is not None else v for k, v in inputs.items()}
+        out = self._captured(model, joint)
+        return out[:b], self._loss(self.capture.pop()[b:], pooled)
+
     def loss(self, model, inputs: dict, empty_seq: torch.Tensor, empty_pooled: torch.Tensor,
              pooled: torch.Tensor) -> torch.Tensor:
+        """The weighted ITC loss from a separate forward of the batch with the empty prompt."""
+        self._captured(model, self._uncond(inputs, empty_seq, empty_pooled))
+        return self._loss(self.capture.pop(), pooled)
+
+    def _uncond(self, inputs: dict, empty_seq: torch.Tensor, empty_pooled: torch.Tensor) -> dict:
         b = inputs["hidden_states"].shape[0]
-        uncond = dict(inputs, encoder_hidden_states=empty_seq.expand(b, -1, -1).to(inputs["encoder_hidden_states"].dtype),
-                      pooled_projections=empty_pooled.expand(b, -1).to(inputs["pooled_projections"].dtype),
-                      txt_ids=inputs["txt_ids"][: empty_seq.shape[1]])
+        return dict(inputs, encoder_hidden_states=empty_seq.expand(b, -1, -1).to(inputs["encoder_hidden_states"].dtype),
+                    pooled_projections=empty_pooled.expand(b, -1).to(inputs["pooled_projections"].dtype),
+                    txt_ids=inputs["txt_ids"][: empty_seq.shape[1]])
+
+    def _captured(self, model, inputs: dict) -> torch.Tensor:
         self.capture.enabled = True
         try:
-            model(**uncond)
+            return model(**inputs)[0]
         finally:
             self.capture.enabled = False
-        feats = pooled_image_features(self.capture.pop())
+
+    def _loss(self, block_out: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        feats = pooled_image_features(block_out)
         return self.weight * itc_loss(self.head, feats.float(), pooled.float(), gather=True)
 
     def step(self) -> None:

@@ -120,13 +120,14 @@ def forward_backward(model, enc: Encoders, batch: dict, cfg: C.Config, device, s
     x_t = flow.noisy_input(x0, noise, sigma)
     guidance = cfg.model.guidance if model.config.guidance_embeds else None
     inputs = flow.transformer_inputs(x_t, sigma, seq, pooled, lat_h, lat_w, guidance)
-    pred = model(**inputs)[0]
+    if itc is None:
+        pred, aux = model(**inputs)[0], 0.0
+    else:  # + the image-text contrastive loss, from the same forward (the logged loss stays the flow loss)
+        pred, aux = itc.forward(model, inputs, e_seq, e_pooled, caption_pooled)
     loss = flow.flow_loss(pred, flow.target(x0, noise), sigma, tc.loss_weighting)
-    if itc is not None:  # auxiliary image-text contrastive loss (logged loss stays the flow loss)
-        (itc.loss(model, inputs, e_seq, e_pooled, caption_pooled) * loss_scale).backward(retain_graph=False)
     if tc.inject_nan_at_step == step and rank == tc.inject_nan_rank:
         loss = loss * float("nan")  # test hook: a NaN on one rank only
-    (loss * loss_scale).backward()
+    ((loss + aux) * loss_scale).backward()
     return loss.detach()
 
 

@@ -164,3 +164,57 @@ def _local_only_loss():
     x = torch.randn(12, 5, 20, generator=g)
     txt = torch.randn(12, 24, generator=g)
     return itc_loss(head, pooled_image_features(backbone(x[:6])), txt[:6], gather=False).item()
+
+
+def _itc_objective(model):
+    from types import SimpleNamespace
+
+    from fluxtrain.config import OptimConfig
+    from fluxtrain.itc import ITCObjective
+
+    torch.manual_seed(3)
+    return ITCObjective(model, SimpleNamespace(size=lambda: 1), model.config.pooled_projection_dim, 0.5,
+                        OptimConfig(), 10, torch.device("cpu"))
+
+
+def test_joint_forward_matches_two_forwards():
+    """The trainer's one forward of [batch; batch with the empty prompt] gives the prediction, ITC loss and gradients
+    of the two separate forwards, in one pass over the model; an empty prompt of another length falls back to two."""
+    model = _tiny_model()
+    itc = _itc_objective(model)
+    g = torch.Generator().manual_seed(5)
+    b, lat, d = 4, 8, model.config.joint_attention_dim
+    x = flow.pack(torch.randn(b, model.config.in_channels // 4, lat, lat, generator=g))
+    seq, pooled = torch.randn(b, 6, d, generator=g), torch.randn(b, model.config.pooled_projection_dim, generator=g)
+    inputs = flow.transformer_inputs(x, torch.rand(b, generator=g), seq, pooled, lat, lat, 3.5)
+    e_pooled = torch.randn(1, pooled.shape[1], generator=g)
+    calls = []
+    model.register_forward_pre_hook(lambda *_: calls.append(1))
+
+    def run(joint: bool, e_seq: torch.Tensor):
+        model.zero_grad(set_to_none=True)
+        itc.head.zero_grad(set_to_none=True)
+        calls.clear()
+        if joint:
+            pred, aux = itc.forward(model, inputs, e_seq, e_pooled, pooled)
+        else:
+            pred, aux = model(**inputs)[0], itc.loss(model, inputs, e_seq, e_pooled, pooled)
+        (pred.square().mean() + aux).backward()
+        named = list(model.named_parameters()) + [(f"head.{k}", p) for k, p in itc.head.named_parameters()]
+        return pred.detach(), aux.item(), {k: p.grad.clone() for k, p in named if p.grad is not None}, len(calls)
+
+    e_seq = torch.randn(1, 6, d, generator=g)
+    (p1, a1, g1, n1), (p2, a2, g2, n2) = run(True, e_seq), run(False, e_seq)
+    assert (n1, n2) == (1, 2)
+    assert torch.allclose(p1, p2, atol=1e-5)
+    assert a1 == pytest.approx(a2, rel=1e-5) and a1 > 0
+    assert g1.keys() == g2.keys() and "head.img_proj.1.weight" in g1
+    for k in g1:
+        assert torch.allclose(g1[k], g2[k], rtol=1e-4, atol=1e-6), k
+    # The ITC loss is the empty-prompt half's: the captioned half's features give another value.
+    itc._captured(model, inputs)
+    assert itc._loss(itc.capture.pop(), pooled).item() != pytest.approx(a1, rel=1e-4)
+    # A shorter empty prompt can't join the batch: two forwards, same numbers as the explicit two.
+    short = e_seq[:, :3]
+    (p3, a3, _, n3), (_, a4, _, _) = run(True, short), run(False, short)
+    assert n3 == 2 and torch.allclose(p3, p2, atol=1e-6) and a3 == pytest.approx(a4, rel=1e-6)
