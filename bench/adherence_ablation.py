@@ -74,8 +74,9 @@ def gpu_env(i: int, gpus: int) -> dict:
 
 
 def make_data(work: Path, num: int, chunks: int, size: int | None = None,
-              only: tuple[str, ...] = ("simple_noisy", "complex_noisy")) -> dict:
-    """Two noisy sets (simple only; half complex) in parallel chunks, then their cleaned copies; `only` those named."""
+              only: tuple[str, ...] = ("simple_noisy", "complex_noisy"), seed: int = 0) -> dict:
+    """Two noisy sets (simple only; half complex) in parallel chunks, then their cleaned copies; `only` those named.
+    Another `seed` draws other scenes (the stages of a warm-started run train on fresh ones)."""
     sets = {k: v for k, v in {"simple_noisy": 0.0, "complex_noisy": 0.5}.items() if k in only}
     if all((work / n.replace("noisy", "clean") / f"part{c}" / "report.json").is_file() for n in sets for c in range(chunks)):
         return _cleaning_report(work, sets, chunks)  # made by an earlier --data-only call
@@ -84,7 +85,8 @@ def make_data(work: Path, num: int, chunks: int, size: int | None = None,
         for c in range(chunks):
             out = work / name / f"part{c}"
             cmds.append((PY + ["data", "synth", "--out", str(out), "--num", str(num // chunks), "--noise-frac", "0.2",
-                               "--complex-frac", str(cf), "--seed", str(1000 * (c + 1) + int(cf * 10))]
+                               "--complex-frac", str(cf),
+                               "--seed", str(1000 * (c + 1) + int(cf * 10) + 100_000 * seed)]
                          + (["--size", str(size)] if size else []),
                          {}, work / f"synth-{name}-{c}.log"))
     run_all(cmds)

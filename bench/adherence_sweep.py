@@ -90,6 +90,7 @@ def main() -> int:
     ap.add_argument("--eval-seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--data", choices=SETS, default="complex_clean")
     ap.add_argument("--num", type=int, default=32_000, help="samples per data set")
+    ap.add_argument("--data-seed", type=int, default=0, help="another value draws other scenes")
     ap.add_argument("--chunks", type=int, default=16, help="parallel synth/clean processes per data set")
     ap.add_argument("--config", default="configs/ablation-small.toml")
     ap.add_argument("--preset", default="small")
@@ -134,7 +135,7 @@ def main() -> int:
         (work / f"r{r}").mkdir(exist_ok=True)
     only = (a.data.replace("clean", "noisy"),)  # the noisy set that --data is, or is cleaned from
     with ThreadPoolExecutor(len(resolutions)) as ex:  # the resolutions' data at once
-        made = ex.map(lambda r: AA.make_data(work / f"r{r}", a.num, a.chunks, r, only), resolutions)
+        made = ex.map(lambda r: AA.make_data(work / f"r{r}", a.num, a.chunks, r, only, a.data_seed), resolutions)
         cleaning = dict(zip(resolutions, made))
     AA.run_all([AA.cache_cmd(a, work / f"r{r}", a.data, r, AA.gpu_env(i, gpus)) for i, r in enumerate(resolutions)
                 if not (work / f"r{r}" / f"cache-{a.data}" / "manifest.json").is_file()])

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Here, between two calls of bench/gpu_chain.sh: .chain/ (git-ignored through .git/info/exclude) gets the carried
+# wheels that a stage needs (not the test, fp8 or encoder folders: .whl and the parts together exceed a call's
+# 64 MiB) and the warm.tar.NN parts that the last call returned to DIR.
+set -eu
+DIR=${1:?usage: bash bench/chain_prep.sh /work/.device/N, the folder holding the last stage parts warm.tar.NN}
+ls "$DIR"/warm.tar.* >/dev/null 2>&1 || { echo "no warm.tar.NN parts in $DIR: give the last stage's folder" >&2; exit 1; }
+grep -qx "/.chain/" .git/info/exclude 2>/dev/null || echo "/.chain/" >> .git/info/exclude
+rm -rf .chain && mkdir .chain
+for w in .whl/*.whl; do
+  case "$(basename "$w")" in torchao-*|pytest-*|pygments-*|iniconfig-*|pluggy-*) ;; *) cp "$w" .chain/ ;; esac
+done
+cp "$DIR"/warm.tar.* .chain/
+du -sh .chain
