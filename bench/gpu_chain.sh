@@ -20,7 +20,7 @@ source bench/gpu_env.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 STAGE=${STAGE:-1}
 echo "stage $STAGE from ${INIT:-random init}; encoders $ENC"
-timeout 500 python3 bench/adherence_sweep.py --work /tmp/sweep --out "$OUT" --max-minutes ${MAX_MIN:-6.5} \
+timeout 540 python3 bench/adherence_sweep.py --work /tmp/sweep --out "$OUT" --max-minutes ${MAX_MIN:-6.5} \
   --num ${NUM:-32000} --chunks ${CHUNKS:-16} --data-seed "$STAGE" --cuda-graphs --batch ${BATCH:-256} --seeds ${SEED:-0} --encoders "$ENC" \
   --steps ${STEPS:-8000} --schedule cosine --lr ${LR:-1e-3} --curve \
   --variants "stage$STAGE=$INIT --checkpoint.interval 2000 --checkpoint.keep 10" --evals "cfg4s50=--true-cfg 4 --steps 50" \
