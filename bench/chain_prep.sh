@@ -4,7 +4,8 @@
 # 64 MiB) and the warm.tar.NN parts that the last call returned to DIR.
 set -eu
 DIR=${1:?usage: bash bench/chain_prep.sh /work/.device/N, the folder holding the last stage parts warm.tar.NN}
-ls "$DIR"/warm.tar.* >/dev/null 2>&1 || { echo "no warm.tar.NN parts in $DIR: give the last stage's folder" >&2; exit 1; }
+ls "$DIR"/warm.tar.* >/dev/null 2>&1 || { echo "no warm.tar.NN parts in $DIR: give the last stage's folder" >&2
+                                          exit 1; }
 grep -qx "/.chain/" .git/info/exclude 2>/dev/null || echo "/.chain/" >> .git/info/exclude
 rm -rf .chain && mkdir .chain
 for w in .whl/*.whl; do
