@@ -177,17 +177,22 @@ def _itc_objective(model):
                         OptimConfig(), 10, torch.device("cpu"))
 
 
+def _itc_batch(model, seed: int, b: int = 4, lat: int = 8):
+    """Transformer inputs of b random samples (8×8 latents, 6 text tokens), their pooled text, and an empty prompt."""
+    g = torch.Generator().manual_seed(seed)
+    d, dp = model.config.joint_attention_dim, model.config.pooled_projection_dim
+    x = flow.pack(torch.randn(b, model.config.in_channels // 4, lat, lat, generator=g))
+    seq, pooled = torch.randn(b, 6, d, generator=g), torch.randn(b, dp, generator=g)
+    inputs = flow.transformer_inputs(x, torch.rand(b, generator=g), seq, pooled, lat, lat, 3.5)
+    return inputs, pooled, torch.randn(1, 6, d, generator=g), torch.randn(1, dp, generator=g)
+
+
 def test_joint_forward_matches_two_forwards():
     """The trainer's one forward of [batch; batch with the empty prompt] gives the prediction, ITC loss and gradients
     of the two separate forwards, in one pass over the model; an empty prompt of another length falls back to two."""
     model = _tiny_model()
     itc = _itc_objective(model)
-    g = torch.Generator().manual_seed(5)
-    b, lat, d = 4, 8, model.config.joint_attention_dim
-    x = flow.pack(torch.randn(b, model.config.in_channels // 4, lat, lat, generator=g))
-    seq, pooled = torch.randn(b, 6, d, generator=g), torch.randn(b, model.config.pooled_projection_dim, generator=g)
-    inputs = flow.transformer_inputs(x, torch.rand(b, generator=g), seq, pooled, lat, lat, 3.5)
-    e_pooled = torch.randn(1, pooled.shape[1], generator=g)
+    inputs, pooled, e_seq, e_pooled = _itc_batch(model, seed=5)
     calls = []
     model.register_forward_pre_hook(lambda *_: calls.append(1))
 
@@ -203,7 +208,6 @@ def test_joint_forward_matches_two_forwards():
         named = list(model.named_parameters()) + [(f"head.{k}", p) for k, p in itc.head.named_parameters()]
         return pred.detach(), aux.item(), {k: p.grad.clone() for k, p in named if p.grad is not None}, len(calls)
 
-    e_seq = torch.randn(1, 6, d, generator=g)
     (p1, a1, g1, n1), (p2, a2, g2, n2) = run(True, e_seq), run(False, e_seq)
     assert (n1, n2) == (1, 2)
     assert torch.allclose(p1, p2, atol=1e-5)
@@ -232,13 +236,8 @@ def test_joint_forward_under_per_block_compile_matches_eager():
         if compiled:
             apply_compile(model)
         itc = _itc_objective(model)
-        g = torch.Generator().manual_seed(7)
-        b, lat, d = 4, 8, model.config.joint_attention_dim
-        x = flow.pack(torch.randn(b, model.config.in_channels // 4, lat, lat, generator=g))
-        seq, pooled = torch.randn(b, 6, d, generator=g), torch.randn(b, model.config.pooled_projection_dim, generator=g)
-        inputs = flow.transformer_inputs(x, torch.rand(b, generator=g), seq, pooled, lat, lat, 3.5)
-        pred, aux = itc.forward(model, inputs, torch.randn(1, 6, d, generator=g),
-                                torch.randn(1, pooled.shape[1], generator=g), pooled)
+        inputs, pooled, e_seq, e_pooled = _itc_batch(model, seed=7)
+        pred, aux = itc.forward(model, inputs, e_seq, e_pooled, pooled)
         (pred.square().mean() + aux).backward()
         results.append((pred.detach(), aux.item(), itc.capture.calls, itc.head.img_proj[1].weight.grad.clone(),
                         model.x_embedder.weight.grad.clone()))
