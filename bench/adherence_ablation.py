@@ -240,10 +240,9 @@ def main() -> int:
     t0 = time.time()
     resolve_encoders(a, work)
     warm = warm_compile_cache(a, work, gpus) if compile_ and not a.data_only else []
-    cleaning = make_data(work, a.num, a.chunks, a.resolution,
-                         only=tuple({ARMS[arm][0].replace("clean", "noisy") for arm in a.arms}))
+    sets = sorted({ARMS[arm][0] for arm in a.arms})  # the data sets the chosen arms train on
+    cleaning = make_data(work, a.num, a.chunks, a.resolution, only=tuple({d.replace("clean", "noisy") for d in sets}))
     if a.source == "cache":  # latents and embeddings once per data set: training steps skip PNG, VAE and text
-        sets = sorted({d for arm in a.arms for d in [ARMS[arm][0]]})
         run_all([cache_cmd(a, work, d, a.resolution, gpu_env(i, gpus))
                  for i, d in enumerate(sets) if not (work / f"cache-{d}" / "manifest.json").is_file()])
     data_s = time.time() - t0

@@ -78,6 +78,14 @@ def mean(xs: list) -> float | None:
     return statistics.mean(xs) if xs else None
 
 
+def seed_mean(rs: list[dict]) -> dict:
+    """`fluxtrain eval` reports of one checkpoint (one per eval seed) → complex, simple and per-form pass means."""
+    return dict(**{k: mean([r["per_split"][k]["pass"] for r in rs if k in r["per_split"]])
+                   for k in ("complex", "simple")},
+                per_form={f: mean([r["per_form"][f]["pass"] for r in rs if f in r["per_form"]])
+                          for f in FORMS if any(f in r["per_form"] for r in rs)})
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", default="/tmp/sweep")
@@ -185,12 +193,7 @@ def main() -> int:
         scored = {}
         for e in settings:
             rs = [json.loads(p.read_text()) for p in sorted((work / "evals").glob(f"{v}-s{seed}-{e}-e*.json"))]
-            split = {k: mean([r["per_split"][k]["pass"] for r in rs if k in r["per_split"]])
-                     for k in ("complex", "simple")}
-            forms = [f for f in FORMS if any(f in r["per_form"] for r in rs)]
-            scored[e] = dict(**split, per_form={f: mean([r["per_form"][f]["pass"] for r in rs if f in r["per_form"]])
-                                                for f in forms},
-                             n=sum(r["n"] for r in rs), eval_seeds=len(rs))
+            scored[e] = dict(**seed_mean(rs), n=sum(r["n"] for r in rs), eval_seeds=len(rs))
         rows.append(dict(variant=v, args=shlex.join(variants[v][1]), res=variants[v][0], seed=seed, train_s=wall,
                          **{k: x for k, x in sm.items() if k != "ckpt"}, evals=scored))
         print(json.dumps({k: x for k, x in rows[-1].items() if k != "evals"}), flush=True)
@@ -200,11 +203,7 @@ def main() -> int:
         for p in sorted((work / "curve").glob(f"{v}-s{seed}-{first}-e*-step-*.json")):
             by_step.setdefault(int(p.stem.rsplit("-", 1)[1]), []).append(json.loads(p.read_text()))
         for step, rs in sorted(by_step.items()):  # the mean over eval seeds, like the last checkpoint's row
-            curve.append(dict(variant=v, seed=seed, step=step, samples=step * row["batch"],
-                              **{k: mean([r["per_split"][k]["pass"] for r in rs if k in r["per_split"]])
-                                 for k in ("complex", "simple")},
-                              per_form={f: mean([r["per_form"][f]["pass"] for r in rs if f in r["per_form"]])
-                                        for f in FORMS if any(f in r["per_form"] for r in rs)}))
+            curve.append(dict(variant=v, seed=seed, step=step, samples=step * row["batch"], **seed_mean(rs)))
         if a.curve and row["evals"].get(first, {}).get("eval_seeds"):
             last = row["evals"][first]
             curve.append(dict(variant=v, seed=seed, step=row["steps"], samples=row["samples"], complex=last["complex"],

@@ -170,22 +170,19 @@ def reconstruction_adherence(vae_folder: str | Path, n: int = 200, complex_frac:
     return float(np.mean([check(im, it["caption"]).passed for im, it in zip(rec, items)]))
 
 
-_COUNTS = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3, "four": 4}
-
-
 def _binding_labels(caption: str) -> list[tuple[int, int, int, int] | None]:
     """Per word: (colour, shape, count − 1, role) of the object phrase the word is in, None outside one. Role: 0 no
     relation, 1 + r the first object of relation r, 5 + r the second (r indexes RELATIONS)."""
-    from fluxtrain.data.prompts import COLORS, RELATIONS, SHAPES
+    from fluxtrain.data.prompts import COLORS, COUNT_WORDS, RELATIONS, SHAPES
 
     words, out, i, pending = caption.split(), [], 0, None
     while i < len(words):
-        if words[i] in _COUNTS and i + 2 < len(words) and words[i + 1] in COLORS:
+        if words[i] in COUNT_WORDS and i + 2 < len(words) and words[i + 1] in COLORS:
             rel = next((r for r in RELATIONS if " ".join(words[i + 3:i + 3 + len(r.split())]) == r), None)
             role = 5 + pending if pending is not None else (1 + RELATIONS.index(rel) if rel else 0)
             pending = RELATIONS.index(rel) if rel else None
-            lab = (list(COLORS).index(words[i + 1]), SHAPES.index(words[i + 2].rstrip("s")), _COUNTS[words[i]] - 1,
-                   role)
+            lab = (list(COLORS).index(words[i + 1]), SHAPES.index(words[i + 2].rstrip("s")),
+                   COUNT_WORDS[words[i]] - 1, role)
             out += [lab] * 3
             i += 3
         else:

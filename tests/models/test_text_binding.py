@@ -6,11 +6,9 @@ import itertools
 import pytest
 import torch
 
+from fluxtrain.data.prompts import COLORS, SHAPES
 from fluxtrain.models.encoders import TextEncoders
 from fluxtrain.models.tiny import _binding_labels, tiny_folder, train_text_binding
-
-COLORS = "red green blue yellow purple orange white black".split()
-SHAPES = ["circle", "square", "triangle"]
 
 
 def test_binding_labels_give_each_object_phrase_its_colour_shape_count_and_role():
@@ -25,7 +23,7 @@ def _noun_colour_probe(folder) -> float:
     prompts "a C1 S1 and a C2 S2" (half to fit, half to test)."""
     enc = TextEncoders(folder, max_tokens=24)
     art = {c: "an" if c[0] in "aeiou" else "a" for c in COLORS}
-    rows = [(f"{art[c1]} {c1} {s1} and {art[c2]} {c2} {s2}", COLORS.index(c2))
+    rows = [(f"{art[c1]} {c1} {s1} and {art[c2]} {c2} {s2}", list(COLORS).index(c2))
             for c1, s1, c2, s2 in itertools.product(COLORS, SHAPES, COLORS, SHAPES) if (c1, s1) != (c2, s2)]
     rows = [rows[i] for i in torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))]
     seq, _ = enc([r[0] for r in rows])
