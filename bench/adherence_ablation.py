@@ -78,7 +78,11 @@ def make_data(work: Path, num: int, chunks: int, size: int | None = None,
     """Two noisy sets (simple only; half complex) in parallel chunks, then their cleaned copies; `only` those named.
     Another `seed` draws other scenes (the stages of a warm-started run train on fresh ones)."""
     sets = {k: v for k, v in {"simple_noisy": 0.0, "complex_noisy": 0.5}.items() if k in only}
+    stamp, made = work / "made.json", {"num": num, "chunks": chunks, "size": size, "seed": seed}
     if all((work / n.replace("noisy", "clean") / f"part{c}" / "report.json").is_file() for n in sets for c in range(chunks)):
+        old = json.loads(stamp.read_text()) if stamp.is_file() else None
+        if old != made:  # reused silently, other scenes would train as if fresh
+            raise SystemExit(f"{work} holds data made with {old}, not {made}: give another --work or remove it")
         return _cleaning_report(work, sets, chunks)  # made by an earlier --data-only call
     cmds = []
     for name, cf in sets.items():
@@ -94,6 +98,7 @@ def make_data(work: Path, num: int, chunks: int, size: int | None = None,
                    "--out", str(work / name.replace("noisy", "clean") / f"part{c}")], {},
              work / f"clean-{name}-{c}.log") for name in sets for c in range(chunks)]
     run_all(cmds)
+    stamp.write_text(json.dumps(made))
     return _cleaning_report(work, sets, chunks)
 
 

@@ -128,6 +128,10 @@ def main() -> int:
     settings = named(a.evals, "eval")
     a.source, a.itc_weight = "cache", 0.0  # what AA.train_args and AA.warm_compile_cache read
     work, out = Path(a.work), Path(a.out)
+
+    def data_dir(r: int) -> Path:  # keyed by the data seed, so that a warm-started stage's scenes are fresh
+        return work / f"r{r}-d{a.data_seed}"
+
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     import torch
@@ -140,13 +144,13 @@ def main() -> int:
     warm = AA.warm_compile_cache(a, work, gpus, with_itc=False) if compile_ else []
     resolutions = sorted({r for r, _ in variants.values()})
     for r in resolutions:
-        (work / f"r{r}").mkdir(exist_ok=True)
+        data_dir(r).mkdir(parents=True, exist_ok=True)
     only = (a.data.replace("clean", "noisy"),)  # the noisy set that --data is, or is cleaned from
     with ThreadPoolExecutor(len(resolutions)) as ex:  # the resolutions' data at once
-        made = ex.map(lambda r: AA.make_data(work / f"r{r}", a.num, a.chunks, r, only, a.data_seed), resolutions)
+        made = ex.map(lambda r: AA.make_data(data_dir(r), a.num, a.chunks, r, only, a.data_seed), resolutions)
         cleaning = dict(zip(resolutions, made))
-    AA.run_all([AA.cache_cmd(a, work / f"r{r}", a.data, r, AA.gpu_env(i, gpus)) for i, r in enumerate(resolutions)
-                if not (work / f"r{r}" / f"cache-{a.data}" / "manifest.json").is_file()])
+    AA.run_all([AA.cache_cmd(a, data_dir(r), a.data, r, AA.gpu_env(i, gpus)) for i, r in enumerate(resolutions)
+                if not (data_dir(r) / f"cache-{a.data}" / "manifest.json").is_file()])
     data_s = time.time() - t0
     print(f"data ready in {data_s:.0f}s: {cleaning}", flush=True)
     codes = [p.wait() for p in warm]
@@ -166,7 +170,7 @@ def main() -> int:
         ra = copy.copy(a)
         ra.resolution = res
         run = work / "runs" / f"{v}-s{seed}"
-        ov = AA.train_args(ra, work / f"r{res}" / f"cache-{a.data}", run, seed, 0.0, compile_)
+        ov = AA.train_args(ra, data_dir(res) / f"cache-{a.data}", run, seed, 0.0, compile_)
         ov += (["--log.interval", str(a.log_interval)] if a.log_interval else []) + extra
         cmds.append((AA.PY + ov, {**AA.gpu_env(i, gpus), "OMP_NUM_THREADS": "1"}, work / f"train-{v}-s{seed}.log"))
     walls = AA.run_all(cmds, timeout_s=60 * a.max_minutes)

@@ -12,4 +12,7 @@ for w in .whl/*.whl; do
   case "$(basename "$w")" in torchao-*|pytest-*|pygments-*|iniconfig-*|pluggy-*) ;; *) cp "$w" .chain/ ;; esac
 done
 cp "$DIR"/warm.tar.* .chain/
-du -sh .chain
+# the stage these weights end (its sweep's variant is stageN): gpu_chain.sh runs only the next one from them
+python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['rows'][0]['variant'].removeprefix('stage'))" \
+  "$DIR/sweep.json" > .chain/stage
+echo "stage $(cat .chain/stage)'s weights"; du -sh .chain

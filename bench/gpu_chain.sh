@@ -8,24 +8,33 @@
 #   stage 1:  STAGE=1 bash bench/gpu_chain.sh                       carry [".whl"] (the T5 trained to bind)
 #   then:     bash bench/chain_prep.sh /work/.device/N              here: .chain/ = the wheels + that stage's parts
 #             STAGE=2 bash bench/gpu_chain.sh                       carry [".chain"] (.whl + parts exceed 64 MiB)
+# The stages are pieces of one cosine decay over STAGES × STEPS: stage k starts at the lr where stage k-1 ended and
+# decays to the next piece's start (--optim.min_lr_ratio), after a fresh optimizer's 200-step warm-up. The first
+# chain (the eleventh session) restarted every stage at lr 1e-3 and lost half of what the last stage had learnt in
+# its first 2,000 steps (79.7% → 35.9% on complex prompts).
 set -u
-STAGE=${STAGE:-1}
-if ls .chain/warm.tar.* >/dev/null 2>&1; then
+STAGE=${STAGE:-1} STAGES=${STAGES:-3}
+read -r LR MINR < <(python3 -c "import math; f=lambda k: .5*(1+math.cos(math.pi*k/$STAGES)); \
+a, b = f($STAGE-1), f($STAGE); print(${LR:-1e-3}*a, b/a)")
+rm -rf /tmp/warm /tmp/warm-out  # a warm machine's last stage
+if [ "$STAGE" -gt 1 ]; then  # from the last stage's export, which chain_prep.sh put into .chain/ with its stage
+  if [ "$(cat .chain/stage 2>/dev/null)" != "$((STAGE - 1))" ]; then
+    echo "stage $STAGE needs stage $((STAGE - 1))'s weights, .chain/ holds stage '$(cat .chain/stage 2>/dev/null)'s:" \
+      "run bench/chain_prep.sh on that stage's folder and carry [\".chain\"]" >&2; exit 2
+  fi
   export WHEELS=.chain
   mkdir -p /tmp/warm && cat .chain/warm.tar.* | tar xf - -C /tmp/warm || exit 1
   ENC=/tmp/warm INIT="--model.pretrained /tmp/warm"
-elif [ "$STAGE" -gt 1 ]; then
-  echo "stage $STAGE needs the last stage's weights: run bench/chain_prep.sh and carry [\".chain\"]" >&2; exit 2
 else  # the T5 trained to bind: carried, or made on the machine
   ENC=$([ -d .whl/tiny-bind ] && echo "$PWD/.whl/tiny-bind" || echo bind) INIT=""
 fi
 source bench/gpu_env.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-echo "stage $STAGE from ${INIT:-random init}; encoders $ENC"
+echo "stage $STAGE of $STAGES from ${INIT:-random init}; encoders $ENC; lr $LR decaying to $MINR of it"
 timeout 540 python3 bench/adherence_sweep.py --work /tmp/sweep --out "$OUT" --max-minutes ${MAX_MIN:-6.5} \
   --num ${NUM:-32000} --chunks ${CHUNKS:-16} --data-seed "$STAGE" --cuda-graphs --batch ${BATCH:-256} \
-  --seeds ${SEED:-0} --encoders "$ENC" --steps ${STEPS:-8000} --schedule cosine --lr ${LR:-1e-3} --curve \
-  --variants "stage$STAGE=$INIT --checkpoint.interval 2000 --checkpoint.keep 10" \
+  --seeds ${SEED:-0} --encoders "$ENC" --steps ${STEPS:-8000} --schedule cosine --lr "$LR" --curve \
+  --variants "stage$STAGE=$INIT --optim.min_lr_ratio $MINR --checkpoint.interval 2000 --checkpoint.keep 10" \
   --evals "cfg4s50=--true-cfg 4 --steps 50" \
   2>&1 | grep -v "UserWarning\|warnings.warn\|Loading weights" | tail -20
 CK=$(ls -d /tmp/sweep/runs/*/checkpoints/step-* | tail -1)
