@@ -9,7 +9,8 @@ the two add. Activations per sample are proportional to layers × tokens × widt
 AC mode calibrated from the 12B runs in bench/RESULTS.md.
 
 LoRA (`lora.enabled`): the frozen base in `lora.base_dtype` sharded, the adapters' fp32 params and AdamW states
-sharded, their gradients as above. The same activation factors fit LoRA's measured peaks (50.0 GiB on 1 GPU and
+sharded, their gradients as above. ITC (`train.itc_weight` > 0) doubles the activations: its forward is one batch of
+the samples and their empty-prompt copies (the tiny model's saved tensors agree: tests/test_plan.py). The same activation factors fit LoRA's measured peaks (50.0 GiB on 1 GPU and
 38.8 GiB on 2 GPUs without AC): what looked like an extra bf16 copy of the base was the no-AC activations, 27.8 GiB
 per 1024² sample in full fine-tuning and in LoRA alike.
 
@@ -114,7 +115,9 @@ def predict(cfg: C.Config, gpus: int, kw: dict | None = None) -> Plan:
     tokens = (lat // 2) ** 2 + cfg.model.max_text_tokens
     layers = kw["num_layers"] + kw["num_single_layers"]
     key = (ac_key(cfg), cfg.train.compile)
-    act = cfg.train.batch_size * layers * tokens * d * ACT_BYTES[key] * (2 if pbytes == 4 else 1)
+    # ITC runs the batch and its empty-prompt copy through the model as one batch of 2B (itc.ITCObjective.forward)
+    samples = cfg.train.batch_size * (2 if cfg.train.itc_weight > 0 else 1)
+    act = samples * layers * tokens * d * ACT_BYTES[key] * (2 if pbytes == 4 else 1)
     enc = 0.0 if cfg.data.source == "cache" else ENCODER_PARAMS.get(cfg.model.preset, 0) * 2
     return Plan(states / GIB, grads / GIB, buffers / GIB, act / GIB, enc / GIB, OVERHEAD_GIB, cfg.train.grad_accum > 1)
 

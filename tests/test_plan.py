@@ -87,6 +87,40 @@ def test_states_follow_the_arithmetic():
     assert 0 < lora_states - lora_off < 0.1 * lora_states
 
 
+def test_itc_doubles_the_activations_as_the_tiny_model_saves_them():
+    """ITC's forward is one batch of the samples and their empty-prompt copies: the planner doubles the activations,
+    and the bytes autograd saves for the backward in the tiny model (parameters aside) agree."""
+    import torch
+
+    from tests.test_itc import _itc_batch, _itc_objective, _tiny_model
+
+    model = _tiny_model()
+    itc = _itc_objective(model)
+    inputs, pooled, e_seq, e_pooled = _itc_batch(model, seed=0, b=4)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def saved_bytes(forward) -> int:
+        seen = {}
+
+        def pack(t):
+            st = t.untyped_storage()
+            if st.data_ptr() not in params:
+                seen[st.data_ptr()] = st.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            forward()
+        return sum(seen.values())
+
+    plain = saved_bytes(lambda: model(**inputs)[0])
+    joint = saved_bytes(lambda: itc.forward(model, inputs, e_seq, e_pooled, pooled))
+    tiny = ["--model.preset", "tiny", "--data.source", "cache", "--data.path", "x"]
+    ratio = (predict(C.load(None, tiny + ["--train.itc_weight", "0.1"]), 1).activations_gib
+             / predict(C.load(None, tiny), 1).activations_gib)
+    assert ratio == 2
+    assert joint / plain == pytest.approx(ratio, rel=0.1), (joint, plain)
+
+
 def test_the_backward_trades_activations_for_gradients_unless_accumulating():
     full = C.load(None, BASE + ["--parallel.activation_checkpointing", "full", "--train.compile", "true"])
     p = predict(full, 2)
