@@ -9,10 +9,10 @@
 #   then:     bash bench/chain_prep.sh /work/.device/N              here: .chain/ = the wheels + that stage's parts
 #             STAGE=2 bash bench/gpu_chain.sh                       carry [".chain"] (.whl + parts exceed 64 MiB)
 # The stages are pieces of one cosine decay over STAGES × STEPS: stage k starts at the lr where stage k-1 ended and
-# decays to the next piece's start (--optim.min_lr_ratio), after a fresh optimizer's 200-step warm-up. The first
-# chain (the eleventh session) restarted every stage at lr 1e-3 and lost half of what the last stage had learnt in
-# its first 2,000 steps (79.7% → 35.9% on complex prompts). The last stage is scored with 3 eval seeds (3 × 64
-# complex renders: ±2.2 points at 90%), the others with one.
+# decays to the next piece's start (--optim.min_lr_ratio; each piece a half cosine between its ends), after a fresh
+# optimizer's 200-step warm-up. The first chain (the eleventh session) restarted every stage at lr 1e-3 and lost
+# half of what the last stage had learnt in its first 2,000 steps (79.7% → 35.9% on complex prompts). The last stage
+# is scored with 3 eval seeds (3 × 64 complex renders: ±2.2 points at 90%), the others with one.
 set -u
 STAGE=${STAGE:-1} STAGES=${STAGES:-3}
 read -r LR MINR < <(python3 -c "import math; f=lambda k: .5*(1+math.cos(math.pi*k/$STAGES)); \
