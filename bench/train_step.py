@@ -4,7 +4,7 @@
         --variants "ac=full" "ac=full,compile=1" "ac=selective,ac_every=2" "ac=none,compile=1"
 
 Each variant is `key=value` pairs over: ac (none|full|selective), ac_every, ac_ops, compile (0|1), strategy,
-offload (0|1), ooff (0|1: parallel.optimizer_offload), obuf (its ring, GiB), mp (bf16|fp32), attn (flash|efficient|cudnn|math|auto),
+offload (0|1), ooff (0|1: parallel.optimizer_offload), obuf (its ring, GiB), odt (fp32|bf16: its moments), mp (bf16|fp32), attn (flash|efficient|cudnn|math|auto),
 fp8 (0|1), fp8_recipe (tensorwise|rowwise|…), fp8_ag (0|1), batch, prefetch, rep (a label for a repeated variant),
 lora (rank; frozen bf16 base). All variants run in
 one process launch (model rebuilt per variant, on the meta device, random weights), so rows compare on one machine.
@@ -46,7 +46,8 @@ def variant_config(base: list[str], spec: dict) -> C.Config:
          "mp": "parallel.mixed_precision", "batch": "train.batch_size", "prefetch": "parallel.forward_prefetch", "bprefetch": "parallel.backward_prefetch",
          "reshard_last": "parallel.reshard_last_block", "fp8": "parallel.fp8", "attn": "model.attention_backend",
          "fp8_recipe": "parallel.fp8_recipe", "fp8_ag": "parallel.fp8_all_gather",
-         "ooff": "parallel.optimizer_offload", "obuf": "parallel.optimizer_offload_buffer_gib"}
+         "ooff": "parallel.optimizer_offload", "obuf": "parallel.optimizer_offload_buffer_gib",
+         "odt": "parallel.optimizer_offload_dtype"}
     for k, v in spec.items():
         if k not in m and k not in ("lora", "rep"):  # rep=N only labels a repeated variant
             raise SystemExit(f"unknown variant key {k!r}; known: {', '.join(sorted([*m, 'lora', 'rep']))}")

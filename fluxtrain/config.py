@@ -116,6 +116,9 @@ class ParallelConfig:
     # the GPU ring the offloaded moments pass through (0 = the least: two blocks' shards). More lets the next step's
     # copies in run under this step's forward and backward: GPU memory for speed (`fluxtrain plan` sizes it)
     optimizer_offload_buffer_gib: float = 0.0
+    # the offloaded moments' host dtype: bf16 halves the copies each way (the update stays fp32 on the GPU; rounding
+    # back is stochastic, so small increments to the second moment accumulate instead of being rounded away)
+    optimizer_offload_dtype: Literal["fp32", "bf16"] = "fp32"
     # intra-op threads for this rank's CPU work. 0 = auto: with cpu_offload (the optimizer step runs on the CPU),
     # the cores this rank may use ÷ the ranks on its node, since torchrun sets OMP_NUM_THREADS=1 and the offloaded
     # AdamW over billions of parameters then runs on one core; without offload, torch's default.
@@ -397,6 +400,9 @@ def validate(cfg: Config) -> None:
                           "choose one (cpu_offload also moves weights and gradients, and steps on the CPU)")
     if p.optimizer_offload and not cfg.optim.fused:
         raise ConfigError("parallel.optimizer_offload streams through the fused AdamW kernel: set optim.fused = true")
+    if p.optimizer_offload_dtype != "fp32" and not p.optimizer_offload:
+        raise ConfigError(f"parallel.optimizer_offload_dtype = {p.optimizer_offload_dtype} applies to offloaded moments only: "
+                          "set parallel.optimizer_offload = true, or leave the dtype at fp32")
     if p.optimizer_offload_buffer_gib < 0:
         raise ConfigError(f"parallel.optimizer_offload_buffer_gib must be >= 0 (0 = the least), got {p.optimizer_offload_buffer_gib}")
     if p.shard_size and p.strategy != "HYBRID_SHARD":

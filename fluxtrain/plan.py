@@ -18,7 +18,8 @@ CPU offload: the states live on the host; the GPU holds the live blocks' fp32 sh
 the running block's sharded fp32 gradient on its way out (calibrated on the one measured row: 4.0 GiB, 2 × H200).
 Optimizer offload (`parallel.optimizer_offload`): only AdamW's m and v (8 B/param) leave the GPU; they stream through
 a ring on the GPU of `parallel.optimizer_offload_buffer_gib`, at least two of the largest block's sharded m and v.
-`recommend` gives the ring whatever memory is left: the more of the next step's moments it holds, the fewer copies
+With `parallel.optimizer_offload_dtype = "bf16"` the moments cross in bf16 through a bf16 twin of the ring (6 B per
+ring element instead of 4). `recommend` gives the ring whatever memory is left: the more of the next step's moments it holds, the fewer copies
 the forward waits for.
 """
 
@@ -107,7 +108,9 @@ def predict(cfg: C.Config, gpus: int, kw: dict | None = None) -> Plan:
     if p.cpu_offload:
         buffers += block * 4 / shard * (live_blocks + 1)
     if p.optimizer_offload:
-        buffers += max(2 * 8 * block / shard, p.optimizer_offload_buffer_gib * GIB)  # the ring
+        # the ring: two blocks' sharded m and v in fp32, and with bf16 moments their bf16 twin (6 B per element)
+        elem = 6 if p.optimizer_offload_dtype == "bf16" else 4
+        buffers += max(2 * 2 * elem * block / shard, p.optimizer_offload_buffer_gib * GIB)
     if p.strategy == "SHARD_GRAD_OP":
         buffers += n * pbytes  # parameters stay gathered between forward and backward
     d = kw["num_attention_heads"] * kw["attention_head_dim"]

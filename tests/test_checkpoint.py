@@ -82,6 +82,21 @@ def test_optimizer_offload_preempts_and_resumes_as_the_plain_optimizer_runs(refe
     assert all(got[s] == ref[s] for s in range(1, 21)), [(s, got[s], ref[s]) for s in range(1, 21)]
 
 
+def test_bf16_offloaded_moments_preempt_and_resume_as_the_uninterrupted_run(tmp_path):
+    """bf16 moments (DTensors of another dtype than their fp32 parameters) through DCP: saved at a SIGTERM and
+    resumed, the run equals its uninterrupted twin step for step (the stochastic rounding draws from no RNG)."""
+    args = OFFLOAD + ["--parallel.optimizer_offload_dtype", "bf16"]
+    res = torchrun(2, _train_args(tmp_path / "whole", args))
+    assert res.returncode == 0, res.stderr[-4000:]
+    res = torchrun(2, _train_args(tmp_path / "cut", args), extra_env={"FLUXTRAIN_TEST_TERM_AT_STEP": "6"})
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert [p.name for p in complete_checkpoints(tmp_path / "cut" / "checkpoints")] == ["step-00000006"]
+    res = torchrun(2, _train_args(tmp_path / "cut", args))
+    assert res.returncode == 0, res.stderr[-4000:]
+    ref, got = losses(tmp_path / "whole"), losses(tmp_path / "cut")
+    assert all(got[s] == ref[s] for s in range(1, 21)), [(s, got[s], ref[s]) for s in range(1, 21)]
+
+
 def test_a_plain_optimizer_checkpoint_resumes_with_optimizer_offload(reference, tmp_path):
     import shutil
 

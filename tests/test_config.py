@@ -23,6 +23,7 @@ def test_guide_aliases():
     (["--parallel.optimizer_offload", "true", "--parallel.cpu_offload", "true"], "choose one"),
     (["--parallel.optimizer_offload", "true", "--optim.fused", "false"], "optim.fused = true"),
     (["--parallel.optimizer_offload", "true", "--parallel.optimizer_offload_buffer_gib", "-1"], "must be >= 0"),
+    (["--parallel.optimizer_offload_dtype", "bf16"], "applies to offloaded moments only"),
     (["--data.resolution", "70"], "multiple of 16"),
     (["--data.source", "webdataset"], "needs data.path"),
     (["--train.steps", "0"], "≥ 1"),

@@ -3,7 +3,7 @@
 import pytest
 
 from fluxtrain import config as C
-from fluxtrain.plan import _with, predict, recommend
+from fluxtrain.plan import GIB, _with, predict, recommend
 
 # (AC overrides, compile, batch/GPU, measured peak GiB allocated): 2 GPUs
 MEASURED = [
@@ -119,6 +119,22 @@ def test_itc_doubles_the_activations_as_the_tiny_model_saves_them():
              / predict(C.load(None, tiny), 1).activations_gib)
     assert ratio == 2
     assert joint / plain == pytest.approx(ratio, rel=0.1), (joint, plain)
+
+
+@pytest.mark.parametrize("dtype, elem_bytes", [("fp32", 4), ("bf16", 6)])
+def test_the_least_ring_is_the_one_the_offloaded_optimizer_allocates(dtype, elem_bytes):
+    from fluxtrain.models.flux import build_transformer
+    from fluxtrain.models.presets import transformer_kwargs
+    from fluxtrain.parallel.fsdp import blocks
+    from fluxtrain.parallel.optimizer_offload import ring_elems
+
+    tiny = ["--model.preset", "tiny", "--data.source", "cache", "--data.path", "x"]
+    off = predict(C.load(None, tiny + ["--parallel.optimizer_offload", "true",
+                                       "--parallel.optimizer_offload_dtype", dtype]), 1)
+    ring = off.buffers_gib - predict(C.load(None, tiny), 1).buffers_gib
+    model = build_transformer(transformer_kwargs("tiny"), "meta")
+    sizes = [sum(p.numel() for p in b.parameters()) for b in blocks(model)]
+    assert ring * GIB == pytest.approx(ring_elems(sizes, 0, elem_bytes) * elem_bytes)
 
 
 def test_the_backward_trades_activations_for_gradients_unless_accumulating():

@@ -17,6 +17,11 @@ after a step is queued, as many units of the next step as the ring holds are cop
 copies out: those copies run under the forward and backward instead of holding up the next forward. A bigger ring
 trades GPU memory for hidden copies.
 
+`parallel.optimizer_offload_dtype = "bf16"` keeps the moments in bf16 on the host: half the bytes each way. They are
+widened to fp32 in the ring, updated by the same fp32 kernel and rounded back stochastically (`round_to_bf16`): AdamW's
+second moment grows by (1 - beta2) g^2, 0.1% a step, under bf16's half step of 0.4%, so rounding to nearest would
+freeze it where stochastic rounding keeps its expectation. Not exact AdamW, unlike fp32.
+
 On a CPU there is nothing to stream: the update of a unit is then deferred to the same hook (or `flush()`), which is
 how the CPU tests exercise the ordering.
 """
@@ -40,7 +45,13 @@ def _like(param: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
     it is (DTensor.from_local would copy a host tensor to the mesh's GPU; FSDP2's CPU offload builds its DTensors
     this way too)."""
     if isinstance(param, DTensor):
-        return DTensor(local, param._spec, requires_grad=False)
+        spec = param._spec
+        if local.dtype != param.dtype:  # bf16 moments of fp32 parameters: the spec's metadata says so
+            from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
+
+            tm = spec.tensor_meta
+            spec = DTensorSpec(spec.mesh, spec.placements, tensor_meta=TensorMeta(tm.shape, tm.stride, local.dtype))
+        return DTensor(local, spec, requires_grad=False)
     return local
 
 
@@ -70,9 +81,47 @@ def _gather_streams(modules) -> list:
     return []
 
 
-def ring_elems(unit_sizes: list[int], buffer_bytes: float = 0) -> int:
-    """The GPU ring's fp32 elements: room for two of the largest unit's m and v, or buffer_bytes if more."""
-    return max(2 * 2 * max(unit_sizes), int(buffer_bytes) // 4)
+def ring_elems(unit_sizes: list[int], buffer_bytes: float = 0, elem_bytes: int = 4) -> int:
+    """The GPU ring's elements: room for two of the largest unit's m and v, or buffer_bytes if more (elem_bytes: 4
+    for fp32 moments, 6 for bf16 ones, which pass through a bf16 copy of the ring beside the fp32 one)."""
+    return max(2 * 2 * max(unit_sizes), int(buffer_bytes) // elem_bytes)
+
+
+def _stochastic_bf16(x: torch.Tensor, start: int, salt: torch.Tensor) -> torch.Tensor:
+    """fp32 x rounded to a bf16 neighbour (returned as fp32 with the low 16 bits clear): the upper one with a
+    probability equal to x's distance from the lower one. The 16 random bits are a hash of x's bits, its position
+    (`start` + index) and `salt` (a step count on x's device): no RNG state, so a resumed run rounds as the
+    uninterrupted one did, and nothing is read back to the host."""
+    bits = x.view(torch.int32)
+    i = torch.arange(start, start + x.numel(), device=x.device, dtype=torch.int32)
+    h = bits ^ (i * -1640531535) ^ (salt.to(torch.int32) * 668265263)  # int32 products wrap: a multiplicative hash
+    h = h ^ (h >> 15)
+    h = h * 739982445
+    h = h ^ (h >> 13)
+    h = h * 695872825
+    h = h ^ (h >> 16)
+    return ((bits + (h & 0xFFFF)) & -65536).view(torch.float32)
+
+
+def _to_bf16(x: torch.Tensor, start: int, salt: torch.Tensor) -> torch.Tensor:
+    return _stochastic_bf16(x, start, salt).to(torch.bfloat16)  # exact: the low bits are clear
+
+
+_CHUNK = 1 << 22  # eager (CPU): the hash's int32 temporaries per chunk
+_compiled = None
+
+
+def round_to_bf16(src: torch.Tensor, out: torch.Tensor, salt: torch.Tensor) -> None:
+    """out (bf16) = src (fp32, 1-D) rounded stochastically (`_stochastic_bf16`): E[out] = src. On a GPU one compiled
+    kernel (static shapes: one per unit size); on the CPU eager, in chunks."""
+    global _compiled
+    if src.is_cuda:
+        if _compiled is None:
+            _compiled = torch.compile(_to_bf16, dynamic=False)
+        out.copy_(_compiled(src, 0, salt))
+        return
+    for s in range(0, src.numel(), _CHUNK):
+        out[s:s + _CHUNK].copy_(_to_bf16(src[s:s + _CHUNK], s, salt))
 
 
 class Ring:
@@ -116,10 +165,11 @@ class OffloadedAdamW(torch.optim.AdamW):
 
     `buffer_bytes`: the GPU ring the moments pass through (at least two of the largest unit's m and v). `lookahead`:
     how many units after its own a unit's forward pre-hook must see updated (FSDP's explicit forward prefetch
-    all-gathers them from that hook)."""
+    all-gathers them from that hook). `moment_dtype`: the moments' dtype in host memory (fp32: exact AdamW; bf16:
+    half the copies, rounded back stochastically)."""
 
     def __init__(self, model: torch.nn.Module, lr: float, betas, eps: float, weight_decay: float,
-                 buffer_bytes: int = 0, lookahead: int = 0):
+                 buffer_bytes: int = 0, lookahead: int = 0, moment_dtype: torch.dtype = torch.float32):
         self.units = [(m, ps) for m, ps in units(model) if ps]
         # model order, as build_optimizer's AdamW has it: a plain state dict (indexed by position) loads either way
         params = [p for p in model.parameters() if p.requires_grad]
@@ -127,6 +177,10 @@ class OffloadedAdamW(torch.optim.AdamW):
         self.device = _local(params[0]).device
         self.cuda = self.device.type == "cuda"
         self.lookahead = lookahead
+        if moment_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"optimizer_offload: moments in fp32 or bf16, not {moment_dtype}")
+        self.moment_dtype = moment_dtype
+        self._low = moment_dtype != torch.float32
         # each unit's (param, offset, numel) in its flat host buffer (m, then v at +size), fixed for the run
         self._layout: list[list[tuple[torch.nn.Parameter, int, int]]] = []
         self._sizes: list[int] = []
@@ -144,15 +198,19 @@ class OffloadedAdamW(torch.optim.AdamW):
         self._staged: list[tuple | None] = [None] * n  # (ring region, copy-in event) of a unit copied in early
         if self.cuda:
             self._h2d, self._upd, self._d2h = (torch.cuda.Stream(self.device) for _ in range(3))
-            self.ring_elems = ring_elems(self._sizes, buffer_bytes)
+            self.ring_elems = ring_elems(self._sizes, buffer_bytes, 6 if self._low else 4)
             self._buf = torch.empty(self.ring_elems, device=self.device)
+            # bf16 moments cross the host link through a bf16 twin of the ring (same regions), widened on the GPU
+            self._buf16 = torch.empty(self.ring_elems, device=self.device, dtype=torch.bfloat16) if self._low else None
             # The ring comes from the compute stream's pool: its memory may still be in use by kernels queued there
             # (a freed temporary's), which the copy streams would not wait for. They wait once, here.
             allocated = torch.cuda.Event()
             allocated.record()
             for s in (self._h2d, self._upd, self._d2h):
                 s.wait_event(allocated)
-                self._buf.record_stream(s)  # freed with copies still queued: not reused before they run
+                for b in (self._buf, self._buf16):
+                    if b is not None:
+                        b.record_stream(s)  # freed with copies still queued: not reused before they run
             self._ring = Ring(self.ring_elems)
         for j, (mod, _) in enumerate(self.units):
             # prepend: before FSDP's own pre-forward hook, which all-gathers the unit's weights
@@ -174,7 +232,7 @@ class OffloadedAdamW(torch.optim.AdamW):
             return
         n = self._sizes[j]
         if self._flat[j] is None:
-            self._flat[j] = torch.zeros(2 * n, pin_memory=self.cuda)
+            self._flat[j] = torch.zeros(2 * n, dtype=self.moment_dtype, pin_memory=self.cuda)
         for p, off, k in self._layout[j]:
             st = self.state[p]
             for key, base in (("exp_avg", 0), ("exp_avg_sq", n)):
@@ -237,6 +295,11 @@ class OffloadedAdamW(torch.optim.AdamW):
                   amsgrad=False, beta1=b1, beta2=b2, lr=job["lr"], weight_decay=job["wd"], eps=job["eps"],
                   maximize=False)
 
+    def _salt(self, job: dict) -> torch.Tensor:
+        """The rounding's salt: the unit's step count after its update (on the device, so read without a sync; kept
+        by a skipped step, whose moments are already bf16 values and round to themselves)."""
+        return self.state[job["ps"][0]]["step"]
+
     @staticmethod
     def _views(entries, base: torch.Tensor) -> list[torch.Tensor]:
         return [base[off:off + k].view_as(_local(p)) for p, off, k in entries]
@@ -247,7 +310,11 @@ class OffloadedAdamW(torch.optim.AdamW):
         with torch.cuda.stream(self._h2d):
             for e in waits + ([self._out[j]] if self._out[j] is not None else []):
                 self._h2d.wait_event(e)
-            self._buf[region[0]:region[1]].copy_(self._flat[j], non_blocking=True)
+            if self._low:
+                self._buf16[region[0]:region[1]].copy_(self._flat[j], non_blocking=True)
+                self._buf[region[0]:region[1]].copy_(self._buf16[region[0]:region[1]])  # widened to fp32
+            else:
+                self._buf[region[0]:region[1]].copy_(self._flat[j], non_blocking=True)
             arrived = torch.cuda.Event()
             arrived.record()
         return region, arrived
@@ -271,6 +338,8 @@ class OffloadedAdamW(torch.optim.AdamW):
             self._upd.wait_event(ready)
             self._upd.wait_event(arrived)
             self._adamw(job, buf)
+            if self._low:  # rounded into the bf16 twin for the copy out
+                round_to_bf16(buf, self._buf16[region[0]:region[1]], self._salt(job))
             for t in job["grads"] + [x for x in (job["scale"], job["found"]) if x is not None]:
                 t.record_stream(self._upd)  # freed by zero_grad on the compute stream: not reused before this runs
             done = torch.cuda.Event()
@@ -278,7 +347,7 @@ class OffloadedAdamW(torch.optim.AdamW):
         self._done[j] = done
         with torch.cuda.stream(self._d2h):
             self._d2h.wait_event(done)
-            self._flat[j].copy_(buf, non_blocking=True)
+            self._flat[j].copy_(self._buf16[region[0]:region[1]] if self._low else buf, non_blocking=True)
             out = torch.cuda.Event()
             out.record()
         region[2] = self._out[j] = out
@@ -294,7 +363,12 @@ class OffloadedAdamW(torch.optim.AdamW):
                 self._done[j] = None
         elif self._pending[j] is not None:
             job, self._pending[j] = self._pending[j], None  # on the host buffers, as the GPU path copies them
-            self._adamw(job, self._flat[j])
+            if self._low:  # widened, updated and rounded back, as the GPU path does in its ring
+                wide = self._flat[j].float()
+                self._adamw(job, wide)
+                round_to_bf16(wide, self._flat[j], self._salt(job))
+            else:
+                self._adamw(job, self._flat[j])
 
     def flush(self, host: bool = True) -> None:
         """Every queued update is seen by the compute stream (EMA, fp8 scales read the weights next) and, with

@@ -19,14 +19,15 @@ from fluxtrain.train import clip_and_step
 from tests.helpers import DEVICES
 
 
-def make(device: str, offload: bool, max_norm: float = 0.05, buffer_gib: float = 0.0):
+def make(device: str, offload: bool, max_norm: float = 0.05, buffer_gib: float = 0.0, dtype: str = "fp32"):
     kw = transformer_kwargs("tiny")
     model = build_transformer(kw, device="cpu")
     load_state_into(model, random_init_state(kw, 0))
     model.to(device)
     cfg = C.load(None, ["--optim.lr", "1e-3", "--optim.weight_decay", "0.1", "--parallel.optimizer_offload",
                         str(offload).lower(), "--optim.grad_clip", str(max_norm), "--train.device", device,
-                        "--parallel.optimizer_offload_buffer_gib", str(buffer_gib)])
+                        "--parallel.optimizer_offload_buffer_gib", str(buffer_gib)]
+                  + (["--parallel.optimizer_offload_dtype", dtype] if offload else []))
     opt = build_optimizer(model.parameters(), cfg.optim, model if offload else None, cfg.parallel)
     return model, cfg, opt, build_scheduler(opt, 10, cfg.optim)
 
@@ -43,8 +44,8 @@ def inputs(model, device: str, step: int) -> dict:
             for k, v in flow.transformer_inputs(x, sigma, seq, pooled, 8, 8, guidance).items()}
 
 
-def train(device: str, offload: bool, steps: int = 6, nan_step: int = 2, buffer_gib: float = 0.0):
-    model, cfg, opt, sched = make(device, offload, buffer_gib=buffer_gib)
+def train(device: str, offload: bool, steps: int = 6, nan_step: int = 2, buffer_gib: float = 0.0, dtype: str = "fp32"):
+    model, cfg, opt, sched = make(device, offload, buffer_gib=buffer_gib, dtype=dtype)
     if offload and device == "cuda":
         with torch.cuda.stream(opt._h2d):  # an update that read its moments before they arrived would go NaN
             opt._buf.fill_(float("nan"))
@@ -155,6 +156,58 @@ def test_state_dict_round_trips_between_offloaded_and_plain_adamw(device):
         step_once(model, o, sched, cfg, 5, device)
     for (name, a), b in zip(back_model.named_parameters(), plain_model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_stochastic_rounding_keeps_the_expectation_where_rounding_to_nearest_freezes():
+    from fluxtrain.parallel.optimizer_offload import round_to_bf16
+
+    ulp = 2.0**-7  # bf16's step at 1
+    x = torch.full((8192,), 1 + 0.3 * ulp)
+    out = torch.empty(8192, dtype=torch.bfloat16)
+    round_to_bf16(x, out, torch.tensor(5.0))
+    assert set(out.float().unique().tolist()) == {1.0, 1 + ulp}
+    assert abs(out.float().mean().item() - x[0].item()) < 0.03 * ulp
+    # AdamW's second moment: v <- 0.999 v + 0.001 g^2 grows 0.1% a step from 1 towards g^2 = 2, under bf16's half step
+    v_sr = v_rtn = torch.ones(512, dtype=torch.bfloat16)
+    v32 = 1.0
+    for step in range(2000):
+        v32 = 0.999 * v32 + 0.001 * 2.0
+        nxt = 0.999 * v_sr.float() + 0.001 * 2.0
+        v_sr = torch.empty_like(v_sr)
+        round_to_bf16(nxt, v_sr, torch.tensor(float(step)))
+        v_rtn = (0.999 * v_rtn.float() + 0.001 * 2.0).to(torch.bfloat16)
+    assert v_rtn.float().max().item() == 1.0  # rounding to nearest never moves
+    assert v_sr.float().mean().item() == pytest.approx(v32, rel=5e-3)  # 1.865
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_moments_halve_the_host_bytes_and_track_fp32_adamw(device):
+    ref_model, _, ref_losses, ref_ok = train(device, False, steps=10)
+    _, fp32, _, _ = train(device, True, steps=10)
+    model, opt, losses, ok = train(device, True, steps=10, dtype="bf16")
+    assert ok == ref_ok
+    assert all(f.dtype == torch.bfloat16 for f in opt._flat)
+    assert sum(f.nbytes for f in opt._flat) * 2 == sum(f.nbytes for f in fp32._flat)
+    assert losses == pytest.approx(ref_losses, rel=2e-3)
+    assert losses != pytest.approx(ref_losses, rel=1e-6, abs=0)  # not exact AdamW: the moments were rounded
+    for p in model.parameters():
+        assert opt.state[p]["exp_avg_sq"].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_moments_resume_as_the_uninterrupted_run(device):
+    """The rounding's random bits come from the values, their place and the step count: a run resumed from a state
+    dict rounds, and so updates, exactly as the one that went on."""
+    model, opt, _, _ = train(device, True, steps=3, nan_step=-1, dtype="bf16")
+    back_model, cfg, back, back_sched = make(device, True, dtype="bf16")
+    back.load_state_dict(copy.deepcopy(opt.state_dict()))
+    back_model.load_state_dict(model.state_dict())
+    sched = build_scheduler(opt, 10, cfg.optim)
+    for step in (5, 6):
+        step_once(model, opt, sched, cfg, step, device)
+        step_once(back_model, back, back_sched, cfg, step, device)
+    for (name, a), b in zip(back_model.named_parameters(), model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
 
 class _Event:  # stands in for a CUDA event in the ring's bookkeeping
