@@ -338,15 +338,18 @@ class OffloadedAdamW(torch.optim.AdamW):
             self._upd.wait_event(ready)
             self._upd.wait_event(arrived)
             self._adamw(job, buf)
-            if self._low:  # rounded into the bf16 twin for the copy out
-                round_to_bf16(buf, self._buf16[region[0]:region[1]], self._salt(job))
             for t in job["grads"] + [x for x in (job["scale"], job["found"]) if x is not None]:
                 t.record_stream(self._upd)  # freed by zero_grad on the compute stream: not reused before this runs
             done = torch.cuda.Event()
-            done.record()
+            done.record()  # the weights are final: the unit's forward waits for this, not for the rounding below
+            rounded = done
+            if self._low:  # the moments rounded into the bf16 twin for the copy out
+                round_to_bf16(buf, self._buf16[region[0]:region[1]], self._salt(job))
+                rounded = torch.cuda.Event()
+                rounded.record()
         self._done[j] = done
         with torch.cuda.stream(self._d2h):
-            self._d2h.wait_event(done)
+            self._d2h.wait_event(rounded)
             self._flat[j].copy_(self._buf16[region[0]:region[1]] if self._low else buf, non_blocking=True)
             out = torch.cuda.Event()
             out.record()
