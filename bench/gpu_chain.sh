@@ -5,7 +5,8 @@
 # sampling steps), and its EMA transformer goes back in bf16 with its encoders as $OUT/warm.tar.NN. The parts are
 # 15 MiB each, because a call returns at most 8 files of 16 MiB; a checkpoint with its optimizer state (~215 MB)
 # can't come back.
-#   stage 1:  STAGE=1 bash bench/gpu_chain.sh                       carry [".whl"] (the T5 trained to bind)
+#   first:    BIND=1 bash bench/gpu_wheels.sh                       here: .whl/ = the wheels + the T5 trained to bind
+#   stage 1:  STAGE=1 bash bench/gpu_chain.sh                       carry [".whl"]
 #   then:     bash bench/chain_prep.sh /work/.device/N              here: .chain/ = the wheels + that stage's parts
 #             STAGE=2 bash bench/gpu_chain.sh                       carry [".chain"] (.whl + parts exceed 64 MiB)
 # The stages are pieces of one cosine decay over STAGES × STEPS: stage k starts at the lr where stage k-1 ended and
