@@ -15,14 +15,14 @@ def build_optimizer(params, o: OptimConfig, offload_model: torch.nn.Module | Non
     moments in host memory and streams them through the GPU unit by unit (fluxtrain/parallel/optimizer_offload.py),
     through a ring of `p.optimizer_offload_buffer_gib`."""
     if offload_model is not None:
-        from fluxtrain.parallel.optimizer_offload import OffloadedAdamW
+        from fluxtrain.parallel.optimizer_offload import MOMENT_DTYPES, OffloadedAdamW
 
         p = p or ParallelConfig()
         # explicit forward prefetch all-gathers the next k blocks from a block's pre-forward: they must be updated
         ahead = p.forward_prefetch if p.forward_prefetch > 1 else 0
         return OffloadedAdamW(offload_model, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
                               buffer_bytes=int(p.optimizer_offload_buffer_gib * 2**30), lookahead=ahead,
-                              moment_dtype=torch.bfloat16 if p.optimizer_offload_dtype == "bf16" else torch.float32)
+                              moment_dtype=MOMENT_DTYPES[p.optimizer_offload_dtype])
     params = [p for p in params if p.requires_grad]
     # Fused AdamW also runs on CPU (torch >= 2.4), ~5x faster than foreach there: it is what keeps the CPU-offloaded
     # optimizer step short (bench: 0.04 s vs 0.23 s per 100M parameters on 2 cores).

@@ -108,9 +108,10 @@ def predict(cfg: C.Config, gpus: int, kw: dict | None = None) -> Plan:
     if p.cpu_offload:
         buffers += block * 4 / shard * (live_blocks + 1)
     if p.optimizer_offload:
-        # the ring: two blocks' sharded m and v in fp32, and with bf16 moments their bf16 twin (6 B per element)
-        elem = 6 if p.optimizer_offload_dtype == "bf16" else 4
-        buffers += max(2 * 2 * elem * block / shard, p.optimizer_offload_buffer_gib * GIB)
+        from fluxtrain.parallel.optimizer_offload import MOMENT_DTYPES, ring_elem_bytes, ring_elems
+
+        dt = MOMENT_DTYPES[p.optimizer_offload_dtype]  # the ring the optimizer allocates, at least two blocks' shards
+        buffers += ring_elems([block / shard], p.optimizer_offload_buffer_gib * GIB, dt) * ring_elem_bytes(dt)
     if p.strategy == "SHARD_GRAD_OP":
         buffers += n * pbytes  # parameters stay gathered between forward and backward
     d = kw["num_attention_heads"] * kw["attention_head_dim"]

@@ -126,7 +126,7 @@ def test_the_least_ring_is_the_one_the_offloaded_optimizer_allocates(dtype, elem
     from fluxtrain.models.flux import build_transformer
     from fluxtrain.models.presets import transformer_kwargs
     from fluxtrain.parallel.fsdp import blocks
-    from fluxtrain.parallel.optimizer_offload import ring_elems
+    from fluxtrain.parallel.optimizer_offload import MOMENT_DTYPES, ring_elems
 
     tiny = ["--model.preset", "tiny", "--data.source", "cache", "--data.path", "x"]
     off = predict(C.load(None, tiny + ["--parallel.optimizer_offload", "true",
@@ -134,7 +134,7 @@ def test_the_least_ring_is_the_one_the_offloaded_optimizer_allocates(dtype, elem
     ring = off.buffers_gib - predict(C.load(None, tiny), 1).buffers_gib
     model = build_transformer(transformer_kwargs("tiny"), "meta")
     sizes = [sum(p.numel() for p in b.parameters()) for b in blocks(model)]
-    assert ring * GIB == pytest.approx(ring_elems(sizes, 0, elem_bytes) * elem_bytes)
+    assert ring * GIB == pytest.approx(ring_elems(sizes, 0, MOMENT_DTYPES[dtype]) * elem_bytes)
 
 
 def test_the_backward_trades_activations_for_gradients_unless_accumulating():

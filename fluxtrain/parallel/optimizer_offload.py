@@ -81,10 +81,18 @@ def _gather_streams(modules) -> list:
     return []
 
 
-def ring_elems(unit_sizes: list[int], buffer_bytes: float = 0, elem_bytes: int = 4) -> int:
-    """The GPU ring's elements: room for two of the largest unit's m and v, or buffer_bytes if more (elem_bytes: 4
-    for fp32 moments, 6 for bf16 ones, which pass through a bf16 copy of the ring beside the fp32 one)."""
-    return max(2 * 2 * max(unit_sizes), int(buffer_bytes) // elem_bytes)
+# parallel.optimizer_offload_dtype → the moments' dtype in host memory
+MOMENT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def ring_elem_bytes(moment_dtype: torch.dtype) -> int:
+    """GPU bytes per ring element: fp32, and with bf16 moments the bf16 twin they cross the host link through."""
+    return 4 if moment_dtype == torch.float32 else 4 + 2
+
+
+def ring_elems(unit_sizes: list[int], buffer_bytes: float = 0, moment_dtype: torch.dtype = torch.float32) -> int:
+    """The GPU ring's elements: room for two of the largest unit's m and v, or buffer_bytes if more."""
+    return max(2 * 2 * max(unit_sizes), int(buffer_bytes) // ring_elem_bytes(moment_dtype))
 
 
 def _stochastic_bf16(x: torch.Tensor, start: int, salt: torch.Tensor) -> torch.Tensor:
@@ -177,7 +185,7 @@ class OffloadedAdamW(torch.optim.AdamW):
         self.device = _local(params[0]).device
         self.cuda = self.device.type == "cuda"
         self.lookahead = lookahead
-        if moment_dtype not in (torch.float32, torch.bfloat16):
+        if moment_dtype not in MOMENT_DTYPES.values():
             raise ValueError(f"optimizer_offload: moments in fp32 or bf16, not {moment_dtype}")
         self.moment_dtype = moment_dtype
         self._low = moment_dtype != torch.float32
@@ -198,7 +206,7 @@ class OffloadedAdamW(torch.optim.AdamW):
         self._staged: list[tuple | None] = [None] * n  # (ring region, copy-in event) of a unit copied in early
         if self.cuda:
             self._h2d, self._upd, self._d2h = (torch.cuda.Stream(self.device) for _ in range(3))
-            self.ring_elems = ring_elems(self._sizes, buffer_bytes, 6 if self._low else 4)
+            self.ring_elems = ring_elems(self._sizes, buffer_bytes, moment_dtype)
             self._buf = torch.empty(self.ring_elems, device=self.device)
             # bf16 moments cross the host link through a bf16 twin of the ring (same regions), widened on the GPU
             self._buf16 = torch.empty(self.ring_elems, device=self.device, dtype=torch.bfloat16) if self._low else None
