@@ -18,7 +18,8 @@ set -u
 STAGE=${STAGE:-1} STAGES=${STAGES:-3}
 read -r LR MINR < <(python3 -c "import math; f=lambda k: .5*(1+math.cos(math.pi*k/$STAGES)); \
 a, b = f($STAGE-1), f($STAGE); print(${LR:-1e-3}*a, b/a)")
-rm -rf /tmp/warm /tmp/warm-out  # a warm machine's last stage
+# a warm machine's last stage: its weights, runs and scores (its data folders are keyed by their seed: kept)
+rm -rf /tmp/warm /tmp/warm-out /tmp/sweep/runs /tmp/sweep/evals /tmp/sweep/curve /tmp/sweep/train-*.log
 if [ "$STAGE" -gt 1 ]; then  # from the last stage's export, which chain_prep.sh put into .chain/ with its stage
   if [ "$(cat .chain/stage 2>/dev/null)" != "$((STAGE - 1))" ]; then
     echo "stage $STAGE needs stage $((STAGE - 1))'s weights, .chain/ holds stage '$(cat .chain/stage 2>/dev/null)'s:" \
@@ -44,5 +45,7 @@ CK=$(ls -d /tmp/sweep/runs/*/checkpoints/step-* | tail -1)
 python3 -m fluxtrain export --checkpoint "$CK" --format diffusers --out /tmp/warm-out --dtype bf16 2>&1 | tail -1
 tar cf - -C /tmp/warm-out . | split -b 15M -d - "$OUT/warm.tar."
 cd /tmp/sweep && tar czf "$OUT/logs.tgz" train-*.log runs/*/metrics.jsonl runs/*/config.toml evals/*.json \
-  curve/*.json 2>/dev/null
-cp /tmp/sweep/evals/*failures*.png "$OUT/" 2>/dev/null; ls -la "$OUT"
+  evals/*failures*.png curve/*.json 2>/dev/null
+# one failure grid beside the parts: a call returns 8 files (the twelfth session's stage 3 had 3 grids, and its last
+# part was left out)
+cp /tmp/sweep/evals/*-e0-failures.png "$OUT/" 2>/dev/null; ls -la "$OUT"

@@ -21,6 +21,12 @@ a ring on the GPU of `parallel.optimizer_offload_buffer_gib`, at least two of th
 With `parallel.optimizer_offload_dtype = "bf16"` the moments cross in bf16 through a bf16 twin of the ring (6 B per
 ring element instead of 4). `recommend` gives the ring whatever memory is left: the more of the next step's moments it holds, the fewer copies
 the forward waits for.
+
+Host memory (`host_gib`, per GPU; a node holds its GPUs' shares): what offload pins (CPU offload: the states and
+gradients; optimizer offload: the moments, 8 or 4 B/param) plus an async checkpoint's host copy of the state
+(`checkpoint.async_save`: parameters and moments, pinned with background staging, pageable otherwise). Given the
+node's memory, `recommend` keeps that under HOST_MARGIN of it: fp32 moments on the host first (exact AdamW), bf16
+ones where fp32 don't fit, then CPU offload; and where only a synchronous save fits, it says so.
 """
 
 from __future__ import annotations
@@ -41,13 +47,18 @@ ACT_BYTES = {
     ("every2", False): 60.1,
     ("every2", True): 19.8,
     ("ops", True): 20.9,  # batch 2 and 3 alike
-    ("ops", False): 41.8,  # not measured: assumed twice the compiled figure, like no AC's ratio
+    # 1 H200, flux-dev's width at a third of its depth (6 + 12 blocks), batch 2: 31.4 / 31.4 / 31.2 from three rows
+    # (offloaded bf16 and fp32 moments, resident; bench/RESULTS.md, twelfth session). Was 41.8, assumed, not measured
+    ("ops", False): 31.3,
     # Full AC keeps only block inputs: its 12B rows are gradient-bound, so they can't fix these two; the earlier fit's
     # values predict the rows where they count (offload, LoRA full AC) within 3%.
     ("full", False): 1.08,
     ("full", True): 0.93,
 }
 OVERHEAD_GIB = 0.25
+# The share of a node's memory the planner lets pinned and staged state take: the OS, the data loader's workers and
+# the processes themselves live in the rest.
+HOST_MARGIN = 0.8
 # Fastest first, from the measured MFU ranking (op-level SAC + compile at batch 2 was best).
 SPEED_ORDER = [("ops", True), ("none", True), ("every2", True), ("full", True), ("none", False), ("every2", False),
                ("full", False)]
@@ -63,6 +74,8 @@ class Plan:
     encoders_gib: float
     overhead_gib: float
     accumulates: bool = False  # gradients kept across micro-batches
+    host_gib: float = 0.0  # host memory per GPU: offloaded state and gradients
+    staging_gib: float = 0.0  # host memory per GPU: an async checkpoint's copy of the state (0 for sync saves)
 
     @property
     def total_gib(self) -> float:
@@ -89,6 +102,7 @@ def predict(cfg: C.Config, gpus: int, kw: dict | None = None) -> Plan:
     shard = {"NO_SHARD": 1, "HYBRID_SHARD": p.shard_size or min(gpus, 8)}.get(p.strategy, gpus)
     states, grads = 12 * n / shard, 4 * n / shard
     trained = n  # parameters with AdamW moments
+    host = 0.0
     lc = cfg.lora
     if lc.enabled:
         from fluxtrain import lora
@@ -98,10 +112,16 @@ def predict(cfg: C.Config, gpus: int, kw: dict | None = None) -> Plan:
         base_bytes = 2 if lc.base_dtype == "bf16" else 4
         states, grads = (base_bytes * n + 12 * adapters) / shard, 4 * adapters / shard
         trained = adapters
+    saved = states  # what a checkpoint copies: parameters and moments, as they are kept
     if p.cpu_offload:
-        states = grads = 0.0
+        host, states, grads = states + grads, 0.0, 0.0
     if p.optimizer_offload:
+        from fluxtrain.parallel.optimizer_offload import MOMENT_DTYPES
+
         states -= 8 * trained / shard
+        host = 2 * MOMENT_DTYPES[p.optimizer_offload_dtype].itemsize * trained / shard
+        saved = states + host
+    staging = saved if cfg.checkpoint.async_save else 0.0
     pbytes = 2 if p.mixed_precision == "bf16" else 4
     live_blocks = 1 + max(p.forward_prefetch, p.backward_prefetch)
     buffers = block * pbytes * live_blocks  # gathered params of the running and the prefetched block
@@ -123,7 +143,8 @@ def predict(cfg: C.Config, gpus: int, kw: dict | None = None) -> Plan:
     samples = cfg.train.batch_size * (2 if cfg.train.itc_weight > 0 else 1)
     act = samples * layers * tokens * d * ACT_BYTES[key] * (2 if pbytes == 4 else 1)
     enc = 0.0 if cfg.data.source == "cache" else ENCODER_PARAMS.get(cfg.model.preset, 0) * 2
-    return Plan(states / GIB, grads / GIB, buffers / GIB, act / GIB, enc / GIB, OVERHEAD_GIB, cfg.train.grad_accum > 1)
+    return Plan(states / GIB, grads / GIB, buffers / GIB, act / GIB, enc / GIB, OVERHEAD_GIB, cfg.train.grad_accum > 1,
+                host / GIB, staging / GIB)
 
 
 def _with(cfg: C.Config, **over) -> C.Config:
@@ -134,26 +155,54 @@ def _with(cfg: C.Config, **over) -> C.Config:
     return C.from_dict(raw)
 
 
-def recommend(cfg: C.Config, gpus: int, gpu_mem_gib: float, margin: float = 0.92) -> tuple[C.Config, Plan] | None:
+def recommend(cfg: C.Config, gpus: int, gpu_mem_gib: float, margin: float = 0.92, host_mem_gib: float | None = None,
+              gpus_per_node: int | None = None) -> tuple[C.Config, Plan] | None:
     """The fastest (AC mode, compile, offload) that fits `margin` of the GPU memory, or None. Offload is the last
-    resort, the optimizer moments alone first (their copies hide behind the forward), then everything."""
+    resort, the optimizer moments alone first (their copies hide behind the forward), in bf16 where the node's
+    memory (`host_mem_gib`, if given) can't hold them in fp32, then everything."""
     modes = {"ops": dict(activation_checkpointing="selective", ac_ops=True),
              "every2": dict(activation_checkpointing="selective", ac_ops=False, ac_every=2),
              "none": dict(activation_checkpointing="none"), "full": dict(activation_checkpointing="full")}
-    for opt_off, offload in ((False, False), (True, False), (False, True)):
+    for opt_off, dtype, offload in ((False, "fp32", False), (True, "fp32", False), (True, "bf16", False),
+                                    (False, "fp32", True)):
         for mode, compiled in SPEED_ORDER:
             over = {f"parallel.{k}": v for k, v in modes[mode].items()}
             cand = _with(cfg, **over, **{"train.compile": compiled, "parallel.cpu_offload": offload,
-                                         "parallel.optimizer_offload": opt_off})
+                                         "parallel.optimizer_offload": opt_off,
+                                         "parallel.optimizer_offload_dtype": dtype})
             plan = predict(cand, gpus)
-            if plan.total_gib <= margin * gpu_mem_gib:
-                return (_bigger_ring(cand, plan, gpus, margin * gpu_mem_gib) if opt_off else (cand, plan))
+            if plan.total_gib > margin * gpu_mem_gib:
+                continue
+            cand = _on_the_host(cand, plan, gpus, host_mem_gib, gpus_per_node)
+            if cand is None:
+                break  # the same host memory for every AC mode: the next kind of offload
+            plan = predict(cand, gpus)
+            return _bigger_ring(cand, plan, gpus, margin * gpu_mem_gib) if opt_off else (cand, plan)
+    return None
+
+
+def node_gib(host_gib: float, gpus: int, gpus_per_node: int | None) -> float:
+    """A node's share of per-GPU host memory: its GPUs' (8 unless told)."""
+    return host_gib * min(gpus, gpus_per_node or 8)
+
+
+def _on_the_host(cfg: C.Config, plan: Plan, gpus: int, host_mem_gib: float | None,
+                 gpus_per_node: int | None) -> C.Config | None:
+    """cfg if the node holds what it puts on the host; with synchronous checkpoint saves if only those fit; else None."""
+    if host_mem_gib is None:
+        return cfg
+    budget = HOST_MARGIN * host_mem_gib
+    if node_gib(plan.host_gib + plan.staging_gib, gpus, gpus_per_node) <= budget:
+        return cfg
+    if node_gib(plan.host_gib, gpus, gpus_per_node) <= budget:
+        return _with(cfg, **{"checkpoint.async_save": False})
     return None
 
 
 def _bigger_ring(cfg: C.Config, plan: Plan, gpus: int, budget_gib: float) -> tuple[C.Config, Plan]:
     """The offloaded moments' ring grown in whole GiB into the memory left under the budget."""
-    ring = plan.buffers_gib - predict(_with(cfg, **{"parallel.optimizer_offload": False}), gpus).buffers_gib
+    ring = plan.buffers_gib - predict(_with(cfg, **{"parallel.optimizer_offload": False,
+                                                    "parallel.optimizer_offload_dtype": "fp32"}), gpus).buffers_gib
     grown = int(ring + budget_gib - plan.total_gib)
     if grown <= ring:
         return cfg, plan
@@ -166,6 +215,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--config", required=True)
     ap.add_argument("--gpus", type=int, required=True)
     ap.add_argument("--gpu-mem-gib", type=float, required=True)
+    ap.add_argument("--host-mem-gib", type=float, default=None,
+                    help="a node's memory: the recommendation keeps offloaded and staged state within it")
+    ap.add_argument("--gpus-per-node", type=int, default=None, help="default: all GPUs, up to 8")
     a, rest = ap.parse_known_args(argv)
     cfg = C.load(a.config, rest)
     plan = predict(cfg, a.gpus)
@@ -178,9 +230,16 @@ def main(argv: list[str]) -> int:
                                    "the larger of activations and gradients: the backward frees one as it makes the other)"))
     fits = plan.total_gib <= a.gpu_mem_gib
     print(f"  {'total':<12} {plan.total_gib:8.1f} GiB per GPU — {'fits' if fits else 'does NOT fit'}")
-    rec = recommend(cfg, a.gpus, a.gpu_mem_gib)
+    per_node = min(a.gpus, a.gpus_per_node or 8)
+    node = node_gib(plan.host_gib + plan.staging_gib, a.gpus, a.gpus_per_node)
+    print(f"  host         {plan.host_gib:8.1f} GiB per GPU offloaded + {plan.staging_gib:.1f} staged by async checkpoint "
+          f"saves = {node:.1f} GiB per node of {per_node} GPUs"
+          + ("" if a.host_mem_gib is None else
+             f" — {'fits' if node <= HOST_MARGIN * a.host_mem_gib else 'does NOT fit'} {HOST_MARGIN:.0%} of "
+             f"{a.host_mem_gib:g} GiB"))
+    rec = recommend(cfg, a.gpus, a.gpu_mem_gib, host_mem_gib=a.host_mem_gib, gpus_per_node=a.gpus_per_node)
     if rec is None:
-        print("nothing fits: add GPUs, lower train.batch_size or data.resolution, or use data.source = cache")
+        print("nothing fits: add GPUs or host memory, lower train.batch_size or data.resolution, or use data.source = cache")
         return 1
     best, bp = rec
     p = best.parallel
@@ -188,5 +247,9 @@ def main(argv: list[str]) -> int:
           + (" --parallel.ac_ops true" if p.ac_ops and p.activation_checkpointing == "selective" else "")
           + f" --train.compile {str(best.train.compile).lower()} --parallel.cpu_offload {str(p.cpu_offload).lower()}"
           + (f" --parallel.optimizer_offload true --parallel.optimizer_offload_buffer_gib {p.optimizer_offload_buffer_gib:g}"
-             if p.optimizer_offload else "") + f"  ({bp.total_gib:.1f} GiB)")
+             if p.optimizer_offload else "")
+          + (" --parallel.optimizer_offload_dtype bf16" if p.optimizer_offload_dtype == "bf16" else "")
+          + (" --checkpoint.async_save false" if cfg.checkpoint.async_save and not best.checkpoint.async_save else "")
+          + f"  ({bp.total_gib:.1f} GiB; host {node_gib(bp.host_gib + bp.staging_gib, a.gpus, a.gpus_per_node):.1f} "
+          f"GiB per node)")
     return 0
