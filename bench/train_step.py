@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -85,6 +86,44 @@ def profile_steps(D, args, train_step, sync, spec: dict) -> dict | None:
     return summarize(load(path))
 
 
+def live_tensors(device_type: str, min_bytes: int, limit: int = 5) -> list[str]:
+    """The largest storages on `device_type` that Python still reaches, each with what refers to its tensors (and,
+    for a dict, whose dict it is): a hunt for what keeps an earlier variant's memory allocated."""
+    gc.collect()
+    found: dict[int, tuple[int, list]] = {}
+    with warnings.catch_warnings():  # touching every object wakes deprecated module attributes' warnings
+        warnings.simplefilter("ignore")
+        objects = gc.get_objects()
+        tensors = [o for o in objects if isinstance(o, torch.Tensor)]
+    del objects
+    for o in tensors:
+        try:
+            if o.device.type != device_type:
+                continue
+            st = (o._local_tensor if hasattr(o, "_local_tensor") else o).untyped_storage()
+            ptr, n = st.data_ptr(), st.nbytes()
+        except Exception:  # tensor subclasses without a storage, fake or meta tensors
+            continue
+        if n >= min_bytes:
+            found.setdefault(ptr, (n, []))[1].append(o)
+    mine = {id(found), id(tensors)} | {id(v) for v in found.values()} | {id(v[1]) for v in found.values()}
+
+    def who(r) -> str:
+        if isinstance(r, dict):
+            owners = [type(x).__name__ for x in gc.get_referrers(r) if getattr(x, "__dict__", None) is r]
+            mods = [m.__name__ for m in list(sys.modules.values()) if getattr(m, "__dict__", None) is r]
+            return f"dict of {(mods or owners or ['?'])[0]}"
+        return type(r).__name__
+
+    lines = []
+    for n, tensors in sorted(found.values(), key=lambda v: -v[0])[:limit]:
+        t = tensors[0]
+        refs = {who(r) for x in tensors for r in gc.get_referrers(x) if id(r) not in mine and r is not tensors}
+        lines.append(f"  {n / 2**20:.0f} MiB {tuple(t.shape)} {t.dtype} ({len(tensors)} tensors): held by "
+                     f"{', '.join(sorted(refs)) or 'nothing Python sees'}")
+    return lines or ["  none: the holder is outside Python (C++ state, an autograd graph, a communicator)"]
+
+
 def run_variant(D, args, spec: dict) -> dict:
     cfg = variant_config(args.base, {"attn": args.attn, **spec})
     threads = set_cpu_threads(cfg)  # the offloaded optimizer's threads, as the trainer sets them
@@ -98,6 +137,9 @@ def run_variant(D, args, spec: dict) -> dict:
     # what an earlier variant of the launch left allocated (the caveat in bench/RESULTS.md, seventh session: up to
     # its weights and ring, not found yet): subtracted, so `peak_gib` is this variant's own; `peak_raw_gib` is not
     left_gib = torch.cuda.memory_allocated() / 2**30 if cuda else 0.0
+    if D.is_main and left_gib > 0.5:  # who holds it, if Python does (none listed: a holder outside Python's reach)
+        print(f"variant {spec}: {left_gib:.1f} GiB left allocated by the last one; the largest tensors Python reaches:\n"
+              + "\n".join(live_tensors("cuda", 2**26)), flush=True)
     t_init = time.perf_counter()
     model = build_training_model(cfg, D.mesh, D.device)
     opt = build_optimizer(model.parameters(), cfg.optim, model if cfg.parallel.optimizer_offload else None, cfg.parallel)

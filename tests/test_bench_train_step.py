@@ -1,0 +1,43 @@
+"""bench/train_step.live_tensors: the hunt for what keeps an earlier variant's memory allocated names each large
+tensor's holder, and forgets a tensor once nothing holds it."""
+
+import importlib.util
+import sys
+import types
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_train_step():
+    spec = importlib.util.spec_from_file_location("train_step", ROOT / "bench" / "train_step.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+class Holder:
+    pass
+
+
+def test_live_tensors_name_their_holders():
+    ts = load_train_step()
+    h = Holder()
+    h.weights = torch.zeros(3, 700_001)  # shapes no other test makes, 8.0 and 16.0 MiB
+    mod = types.ModuleType("leaky_module")
+    mod.ring = torch.zeros(5, 838_861)
+    sys.modules["leaky_module"] = mod
+    try:
+        lines = ts.live_tensors("cpu", 2**23, limit=1000)
+        mine = {line.split(")")[0].split("(")[-1]: line for line in lines if "700001" in line or "838861" in line}
+        assert set(mine) == {"3, 700001", "5, 838861"}, lines
+        assert mine["3, 700001"].endswith("held by Holder")
+        assert "dict of leaky_module" in mine["5, 838861"]
+        assert mine["5, 838861"].startswith("  16 MiB")
+    finally:
+        del sys.modules["leaky_module"]
+    del h, mod
+    assert not [line for line in ts.live_tensors("cpu", 2**23, limit=1000) if "700001" in line or "838861" in line]
