@@ -13,7 +13,9 @@
 # decays to the next piece's start (--optim.min_lr_ratio; each piece a half cosine between its ends), after a fresh
 # optimizer's 200-step warm-up. The first chain (the eleventh session) restarted every stage at lr 1e-3 and lost
 # half of what the last stage had learnt in its first 2,000 steps (79.7% → 35.9% on complex prompts). The last stage
-# is scored with 3 eval seeds (3 × 64 complex renders: ±2.2 points at 90%), the others with one.
+# is scored with 3 eval seeds (3 × 64 complex renders: ±2.2 points at 90%), the others with one. Both chains so far
+# (restarts, one decay) plateau near 80% with the small preset: PRESET=medium (1.5× the width, 39M) and RES=128 are
+# the next probes (every stage of a chain with the same PRESET and RES; STAGES=1 is one run decayed to 0).
 set -u
 STAGE=${STAGE:-1} STAGES=${STAGES:-3}
 read -r LR MINR < <(python3 -c "import math; f=lambda k: .5*(1+math.cos(math.pi*k/$STAGES)); \
@@ -36,6 +38,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 echo "stage $STAGE of $STAGES from ${INIT:-random init}; encoders $ENC; lr $LR decaying to $MINR of it"
 timeout 540 python3 bench/adherence_sweep.py --work /tmp/sweep --out "$OUT" --max-minutes ${MAX_MIN:-6.5} \
   --num ${NUM:-32000} --chunks ${CHUNKS:-16} --data-seed "$STAGE" --cuda-graphs --batch ${BATCH:-256} \
+  --preset ${PRESET:-small} --resolution ${RES:-64} \
   --seeds ${SEED:-0} --encoders "$ENC" --steps ${STEPS:-8000} --schedule cosine --lr "$LR" --curve \
   --eval-seeds ${EVAL_SEEDS:-$([ "$STAGE" = "$STAGES" ] && echo 0 1 2 || echo 0)} \
   --variants "stage$STAGE=$INIT --optim.min_lr_ratio $MINR --checkpoint.interval 2000 --checkpoint.keep 10" \
