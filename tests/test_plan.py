@@ -229,3 +229,18 @@ def test_recommendations_keep_the_host_within_the_node():
     # a node holds its GPUs' shares: 8 GPUs × 11.1 GiB of fp32 moments (and no async copy) in 128 GiB
     eight, p8 = recommend(one, gpus=8, gpu_mem_gib=40, host_mem_gib=128)
     assert p8.host_gib * 8 + (p8.staging_gib * 8 if eight.checkpoint.async_save else 0) <= 0.8 * 128
+
+
+def test_the_command_tells_the_host_and_the_flags(capsys):
+    from fluxtrain.plan import main
+
+    args = ["--config", "configs/flux-dev.toml", "--gpus", "1", "--gpu-mem-gib", "141", "--data.source", "cache",
+            "--train.grad_accum", "1"]
+    assert main(args + ["--host-mem-gib", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "133.0 GiB per node of 1 GPUs — does NOT fit 80% of 64 GiB" in out  # the config as given: async saves
+    best = out.splitlines()[-1]
+    assert "--parallel.optimizer_offload true" in best and "--parallel.optimizer_offload_dtype bf16" in best
+    assert "--checkpoint.async_save false" in best and "host 44.3 GiB per node" in best
+    assert main(args + ["--host-mem-gib", "32"]) == 1
+    assert "nothing fits: add GPUs or host memory" in capsys.readouterr().out
