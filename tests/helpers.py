@@ -81,3 +81,14 @@ def assert_close(a: dict[int, float], b: dict[int, float], rel: float, what: str
     assert a.keys() == b.keys() and len(a) >= 10, (what, sorted(a), sorted(b))
     for k in a:
         assert abs(a[k] - b[k]) <= rel * abs(b[k]), f"{what} step {k}: {a[k]} vs {b[k]}"
+
+
+def load_bench(name: str):
+    """A bench/ script as a module (bench is scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod

@@ -1,22 +1,16 @@
 """bench/train_step.live_tensors: the hunt for what keeps an earlier variant's memory allocated names each large
 tensor's holder, and forgets a tensor once nothing holds it."""
 
-import importlib.util
 import sys
 import types
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import load_bench
 
 
 def load_train_step():
-    spec = importlib.util.spec_from_file_location("train_step", ROOT / "bench" / "train_step.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("train_step")
 
 
 class Holder:

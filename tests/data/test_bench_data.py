@@ -1,21 +1,13 @@
 """bench/adherence_ablation.make_data reuses a work folder only for the data it was made for: a warm-started stage
 (bench/gpu_chain.sh, --data-seed STAGE) once trained on the last stage's scenes because they were taken as made."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import load_bench
 
 
 def load_ablation():
-    spec = importlib.util.spec_from_file_location("adherence_ablation", ROOT / "bench" / "adherence_ablation.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("adherence_ablation")
 
 
 def test_make_data_reuses_only_the_same_draw(tmp_path):
