@@ -15,4 +15,7 @@ cp "$DIR"/warm.tar.* .chain/
 # the stage these weights end (its sweep's variant is stageN): gpu_chain.sh runs only the next one from them
 python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['rows'][0]['variant'].removeprefix('stage'))" \
   "$DIR/sweep.json" > .chain/stage
-echo "stage $(cat .chain/stage)'s weights"; du -sh .chain
+# and the model and side it trained at: the next stage must use the same (gpu_chain.sh's PRESET and RES)
+python3 -c "import json, sys; a = json.load(open(sys.argv[1]))['args']; print(a['preset'], a['resolution'])" \
+  "$DIR/sweep.json" > .chain/shape
+echo "stage $(cat .chain/stage)'s weights ($(cat .chain/shape))"; du -sh .chain

@@ -27,6 +27,10 @@ if [ "$STAGE" -gt 1 ]; then  # from the last stage's export, which chain_prep.sh
     echo "stage $STAGE needs stage $((STAGE - 1))'s weights, .chain/ holds stage '$(cat .chain/stage 2>/dev/null)'s:" \
       "run bench/chain_prep.sh on that stage's folder and carry [\".chain\"]" >&2; exit 2
   fi
+  if [ -f .chain/shape ] && [ "$(cat .chain/shape)" != "${PRESET:-small} ${RES:-64}" ]; then
+    echo "stage $((STAGE - 1)) trained $(cat .chain/shape) (preset, px): run stage $STAGE with the same PRESET= and RES=," \
+      "not ${PRESET:-small} ${RES:-64}" >&2; exit 2
+  fi
   export WHEELS=.chain
   mkdir -p /tmp/warm && cat .chain/warm.tar.* | tar xf - -C /tmp/warm || exit 1
   ENC=/tmp/warm INIT="--model.pretrained /tmp/warm"
