@@ -14,10 +14,10 @@
 # optimizer's 200-step warm-up. The first chain (the eleventh session) restarted every stage at lr 1e-3 and lost
 # half of what the last stage had learnt in its first 2,000 steps (79.7% → 35.9% on complex prompts). The last stage
 # is scored with 3 eval seeds (3 × 64 complex renders: ±2.2 points at 90%), the others with one. Both chains so far
-# (restarts, one decay) plateau near 80% with the small preset: PRESET=medium (1.5× the width, 39M) and RES=128 are
+# (restarts, one decay) plateau near 80% with the small preset: PRESET=medium (1.5× the width, 40.0M) and RES=128 are
 # the next probes (every stage of a chain with the same PRESET and RES; STAGES=1 is one run decayed to 0).
 set -u
-STAGE=${STAGE:-1} STAGES=${STAGES:-3}
+STAGE=${STAGE:-1} STAGES=${STAGES:-3} PRESET=${PRESET:-small} RES=${RES:-64}
 read -r LR MINR < <(python3 -c "import math; f=lambda k: .5*(1+math.cos(math.pi*k/$STAGES)); \
 a, b = f($STAGE-1), f($STAGE); print(${LR:-1e-3}*a, b/a)")
 # a warm machine's last stage: its weights, runs and scores (its data folders are keyed by their seed: kept)
@@ -27,9 +27,9 @@ if [ "$STAGE" -gt 1 ]; then  # from the last stage's export, which chain_prep.sh
     echo "stage $STAGE needs stage $((STAGE - 1))'s weights, .chain/ holds stage '$(cat .chain/stage 2>/dev/null)'s:" \
       "run bench/chain_prep.sh on that stage's folder and carry [\".chain\"]" >&2; exit 2
   fi
-  if [ -f .chain/shape ] && [ "$(cat .chain/shape)" != "${PRESET:-small} ${RES:-64}" ]; then
+  if [ -f .chain/shape ] && [ "$(cat .chain/shape)" != "$PRESET $RES" ]; then
     echo "stage $((STAGE - 1)) trained $(cat .chain/shape) (preset, px): run stage $STAGE with the same PRESET= and RES=," \
-      "not ${PRESET:-small} ${RES:-64}" >&2; exit 2
+      "not $PRESET $RES" >&2; exit 2
   fi
   export WHEELS=.chain
   mkdir -p /tmp/warm && cat .chain/warm.tar.* | tar xf - -C /tmp/warm || exit 1
@@ -42,7 +42,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 echo "stage $STAGE of $STAGES from ${INIT:-random init}; encoders $ENC; lr $LR decaying to $MINR of it"
 timeout 540 python3 bench/adherence_sweep.py --work /tmp/sweep --out "$OUT" --max-minutes ${MAX_MIN:-6.5} \
   --num ${NUM:-32000} --chunks ${CHUNKS:-16} --data-seed "$STAGE" --cuda-graphs --batch ${BATCH:-256} \
-  --preset ${PRESET:-small} --resolution ${RES:-64} \
+  --preset $PRESET --resolution $RES \
   --seeds ${SEED:-0} --encoders "$ENC" --steps ${STEPS:-8000} --schedule cosine --lr "$LR" --curve \
   --eval-seeds ${EVAL_SEEDS:-$([ "$STAGE" = "$STAGES" ] && echo 0 1 2 || echo 0)} \
   --variants "stage$STAGE=$INIT --optim.min_lr_ratio $MINR --checkpoint.interval 2000 --checkpoint.keep 10" \

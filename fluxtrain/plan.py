@@ -78,6 +78,10 @@ class Plan:
     staging_gib: float = 0.0  # host memory per GPU: an async checkpoint's copy of the state (0 for sync saves)
 
     @property
+    def host_total_gib(self) -> float:
+        return self.host_gib + self.staging_gib
+
+    @property
     def total_gib(self) -> float:
         backward = (self.activations_gib + self.grads_gib if self.accumulates
                     else max(self.activations_gib, self.grads_gib))
@@ -94,6 +98,7 @@ def ac_key(cfg: C.Config) -> str:
 def predict(cfg: C.Config, gpus: int, kw: dict | None = None) -> Plan:
     kw = kw or transformer_kwargs(cfg.model.preset)
     from fluxtrain.models.flux import build_transformer
+    from fluxtrain.parallel.optimizer_offload import MOMENT_DTYPES, ring_elem_bytes, ring_elems
 
     m = build_transformer(kw, "meta")
     n = sum(p.numel() for p in m.parameters())
@@ -116,8 +121,6 @@ def predict(cfg: C.Config, gpus: int, kw: dict | None = None) -> Plan:
     if p.cpu_offload:
         host, states, grads = states + grads, 0.0, 0.0
     if p.optimizer_offload:
-        from fluxtrain.parallel.optimizer_offload import MOMENT_DTYPES
-
         states -= 8 * trained / shard
         host = 2 * MOMENT_DTYPES[p.optimizer_offload_dtype].itemsize * trained / shard
         saved = states + host
@@ -128,8 +131,6 @@ def predict(cfg: C.Config, gpus: int, kw: dict | None = None) -> Plan:
     if p.cpu_offload:
         buffers += block * 4 / shard * (live_blocks + 1)
     if p.optimizer_offload:
-        from fluxtrain.parallel.optimizer_offload import MOMENT_DTYPES, ring_elem_bytes, ring_elems
-
         dt = MOMENT_DTYPES[p.optimizer_offload_dtype]  # the ring the optimizer allocates, at least two blocks' shards
         buffers += ring_elems([block / shard], p.optimizer_offload_buffer_gib * GIB, dt) * ring_elem_bytes(dt)
     if p.strategy == "SHARD_GRAD_OP":
@@ -173,17 +174,23 @@ def recommend(cfg: C.Config, gpus: int, gpu_mem_gib: float, margin: float = 0.92
             plan = predict(cand, gpus)
             if plan.total_gib > margin * gpu_mem_gib:
                 continue
-            cand = _on_the_host(cand, plan, gpus, host_mem_gib, gpus_per_node)
-            if cand is None:
+            held = _on_the_host(cand, plan, gpus, host_mem_gib, gpus_per_node)
+            if held is None:
                 break  # the same host memory for every AC mode: the next kind of offload
-            plan = predict(cand, gpus)
+            if held is not cand:  # synchronous saves: no staged copy
+                cand, plan = held, predict(held, gpus)
             return _bigger_ring(cand, plan, gpus, margin * gpu_mem_gib) if opt_off else (cand, plan)
     return None
 
 
+def on_node(gpus: int, gpus_per_node: int | None) -> int:
+    """GPUs on one node: all of them up to 8, unless told."""
+    return min(gpus, gpus_per_node or 8)
+
+
 def node_gib(host_gib: float, gpus: int, gpus_per_node: int | None) -> float:
-    """A node's share of per-GPU host memory: its GPUs' (8 unless told)."""
-    return host_gib * min(gpus, gpus_per_node or 8)
+    """A node's share of per-GPU host memory: its GPUs'."""
+    return host_gib * on_node(gpus, gpus_per_node)
 
 
 def _on_the_host(cfg: C.Config, plan: Plan, gpus: int, host_mem_gib: float | None,
@@ -192,7 +199,7 @@ def _on_the_host(cfg: C.Config, plan: Plan, gpus: int, host_mem_gib: float | Non
     if host_mem_gib is None:
         return cfg
     budget = HOST_MARGIN * host_mem_gib
-    if node_gib(plan.host_gib + plan.staging_gib, gpus, gpus_per_node) <= budget:
+    if node_gib(plan.host_total_gib, gpus, gpus_per_node) <= budget:
         return cfg
     if node_gib(plan.host_gib, gpus, gpus_per_node) <= budget:
         return _with(cfg, **{"checkpoint.async_save": False})
@@ -230,10 +237,9 @@ def main(argv: list[str]) -> int:
                                    "the larger of activations and gradients: the backward frees one as it makes the other)"))
     fits = plan.total_gib <= a.gpu_mem_gib
     print(f"  {'total':<12} {plan.total_gib:8.1f} GiB per GPU — {'fits' if fits else 'does NOT fit'}")
-    per_node = min(a.gpus, a.gpus_per_node or 8)
-    node = node_gib(plan.host_gib + plan.staging_gib, a.gpus, a.gpus_per_node)
+    node = node_gib(plan.host_total_gib, a.gpus, a.gpus_per_node)
     print(f"  host         {plan.host_gib:8.1f} GiB per GPU offloaded + {plan.staging_gib:.1f} staged by async checkpoint "
-          f"saves = {node:.1f} GiB per node of {per_node} GPUs"
+          f"saves = {node:.1f} GiB per node of {on_node(a.gpus, a.gpus_per_node)} GPUs"
           + ("" if a.host_mem_gib is None else
              f" — {'fits' if node <= HOST_MARGIN * a.host_mem_gib else 'does NOT fit'} {HOST_MARGIN:.0%} of "
              f"{a.host_mem_gib:g} GiB"))
@@ -250,6 +256,6 @@ def main(argv: list[str]) -> int:
              if p.optimizer_offload else "")
           + (" --parallel.optimizer_offload_dtype bf16" if p.optimizer_offload_dtype == "bf16" else "")
           + (" --checkpoint.async_save false" if cfg.checkpoint.async_save and not best.checkpoint.async_save else "")
-          + f"  ({bp.total_gib:.1f} GiB; host {node_gib(bp.host_gib + bp.staging_gib, a.gpus, a.gpus_per_node):.1f} "
+          + f"  ({bp.total_gib:.1f} GiB; host {node_gib(bp.host_total_gib, a.gpus, a.gpus_per_node):.1f} "
           f"GiB per node)")
     return 0

@@ -37,7 +37,7 @@ PRESETS: dict[str, dict] = {
     # tiny's encoders and VAE (text width 64) under a wider, deeper transformer (19M): for GPU experiments such as
     # the adherence ablation, where a step of either is launch-bound and the larger one learns more per sample.
     "small": {**TINY, "num_layers": 4, "num_single_layers": 8, "attention_head_dim": 64, "axes_dims_rope": (16, 24, 24)},
-    # small at 1.5× the width (6 heads of 64, 39M): the adherence benchmark's small model plateaus near 80% of complex
+    # small at 1.5× the width (6 heads of 64, 40.0M): the adherence benchmark's small model plateaus near 80% of complex
     # prompts after 24,000 steps (bench/RESULTS.md, twelfth session); this is the capacity step up from it
     "medium": {**TINY, "num_layers": 4, "num_single_layers": 8, "attention_head_dim": 64, "num_attention_heads": 6,
                "axes_dims_rope": (16, 24, 24)},
