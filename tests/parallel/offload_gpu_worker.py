@@ -20,6 +20,11 @@ VARIANTS = {
     "offload_ring": ["--parallel.optimizer_offload", "true", "--parallel.optimizer_offload_buffer_gib", "0.008"],
     # a ring that holds every unit: all of the next step's moments are copied in right after a step
     "offload_all": ["--parallel.optimizer_offload", "true", "--parallel.optimizer_offload_buffer_gib", "1"],
+    # bf16 moments: not exact AdamW, but their rounding depends only on values, place and step, so the least ring and
+    # a ring holding all must agree exactly; a stale read in either would not
+    "offload_bf16": ["--parallel.optimizer_offload", "true", "--parallel.optimizer_offload_dtype", "bf16"],
+    "offload_bf16_all": ["--parallel.optimizer_offload", "true", "--parallel.optimizer_offload_dtype", "bf16",
+                         "--parallel.optimizer_offload_buffer_gib", "1"],
 }
 
 

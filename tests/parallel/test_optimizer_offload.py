@@ -244,6 +244,8 @@ def test_fsdp_all_gathers_wait_for_each_blocks_offloaded_update_on_gpus(tmp_path
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-6000:]
     for name in ("offload", "offload_ring", "offload_all"):
         assert_close(losses(tmp_path / name), losses(tmp_path / "plain"), 1e-6, name)
+    assert_close(losses(tmp_path / "offload_bf16"), losses(tmp_path / "plain"), 2e-3, "offload_bf16")
+    assert_close(losses(tmp_path / "offload_bf16_all"), losses(tmp_path / "offload_bf16"), 1e-6, "offload_bf16_all")
 
 
 GATHER_STREAMS = """
