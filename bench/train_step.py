@@ -19,6 +19,7 @@ import datetime
 import gc
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -198,6 +199,7 @@ def run_variant(D, args, spec: dict) -> dict:
                step_s=step, samples_s_gpu=b / step, tflops_gpu=tflops, mfu=tflops / pk, peak_gib=float(peak),
                reserved_gib=reserved, cpu_threads=threads, init_s=init_s, init_gib=init_gib - left_gib,
                steady_gib=steady_gib - left_gib, left_gib=left_gib, peak_raw_gib=float(peak) + left_gib,
+               host_peak_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # the process's so far
                loss_first=losses[0], loss_last=losses[-1], step_times=[round(x, 4) for x in times],
                warmup_losses=[round(x, 4) for x in warm_losses])
     if args.losses:

@@ -44,6 +44,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 from fluxtrain.config import CheckpointConfig
 from fluxtrain.optim import flush
+from fluxtrain.pinned import pinned_zeros
 
 DONE = "COMPLETE"
 
@@ -300,14 +301,14 @@ class PinnedStager:
             out.append((key, x.to_local() if isinstance(x, DTensor) else x))
 
     def _allocate(self, leaves: list[tuple[str, torch.Tensor]]) -> None:
-        """One pinned block carved into every tensor's buffer: per-tensor pinned allocations are rounded up to powers
-        of two by torch's host allocator (up to twice the memory, and much slower to make)."""
+        """One pinned block carved into every tensor's buffer: torch's host allocator rounds each pinned allocation
+        up to a power of two (up to twice the memory, and much slower to make per tensor); `pinned_zeros` does not."""
         offsets, total = [], 0
         for _, t in leaves:
             offsets.append(total)
             total += -(-t.numel() * t.element_size() // 64) * 64
         self.buffers = {}
-        flat = torch.empty(total, dtype=torch.uint8, pin_memory=self.cuda)
+        flat = pinned_zeros(total, torch.uint8, self.cuda)
         for (key, t), off in zip(leaves, offsets):
             self.buffers[key] = flat[off:off + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
 

@@ -34,6 +34,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from fluxtrain.parallel.fsdp import blocks
+from fluxtrain.pinned import pinned_zeros
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -240,7 +241,7 @@ class OffloadedAdamW(torch.optim.AdamW):
             return
         n = self._sizes[j]
         if self._flat[j] is None:
-            self._flat[j] = torch.zeros(2 * n, dtype=self.moment_dtype, pin_memory=self.cuda)
+            self._flat[j] = pinned_zeros(2 * n, self.moment_dtype, self.cuda)
         for p, off, k in self._layout[j]:
             st = self.state[p]
             for key, base in (("exp_avg", 0), ("exp_avg_sq", n)):
