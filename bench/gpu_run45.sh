@@ -17,7 +17,7 @@ python3 -m fluxtrain plan --config configs/flux-dev.toml --gpus 1 --gpu-mem-gib 
 V="ac=selective,ac_ops=1,compile=1,ooff=1,obuf=16"
 for odt in ${ODTS:-bf16 fp32}; do
   timeout 260 torchrun --nproc_per_node 1 bench/train_step.py --preset flux-dev --resolution 1024 --batch 1 \
-    --attn cudnn --warmup 2 --steps 4 --variants "$V,odt=$odt" > "$OUT/bench-$odt.log" 2>&1
+    --attn cudnn --warmup 2 --steps ${STEPS:-4} --variants "$V,odt=$odt" > "$OUT/bench-$odt.log" 2>&1
   echo "rc=$? at ${SECONDS}s"
   grep "^{\|Error\|error\|^| \|failed\|left allocated\|held by" "$OUT/bench-$odt.log" | cut -c1-900
 done

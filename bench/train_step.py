@@ -167,13 +167,16 @@ def run_variant(D, args, spec: dict) -> dict:
         if args.phases:  # the split of the step: forward+backward vs clip+optimizer (a sync between them)
             sync()
             marks.append(time.perf_counter())
-        clip_and_step(model, opt, sched, 1.0, cfg)  # the trainer's clip and step, as it runs them
+        _, ok = clip_and_step(model, opt, sched, 1.0, cfg)  # the trainer's clip and step, as it runs them
+        skipped.append(not ok)
         return loss
 
-    times, losses, marks, fwd_bwd, warm_losses = [], [], [], [], []
+    times, losses, marks, fwd_bwd, warm_losses, skipped = [], [], [], [], [], []
     for i in range(args.warmup + args.steps):
         sync()
         t0 = time.perf_counter()
+        if i == args.warmup:
+            t_timed = t0
         loss = train_step()
         sync()
         if i >= args.warmup:
@@ -183,6 +186,11 @@ def run_variant(D, args, spec: dict) -> dict:
                 fwd_bwd.append(marks[-1] - t0)
         else:
             warm_losses.append(float(loss.detach()))
+    # every stream drained (an offloaded optimizer's copies may run past the compute stream's sync): the rate the
+    # timed steps really sustained, against the median of compute-stream step times
+    if cuda:
+        torch.cuda.synchronize()
+    wall_step = (time.perf_counter() - t_timed) / args.steps
     profile = profile_steps(D, args, train_step, sync, spec) if args.profile else None
     step = statistics.median(times)
     steady_gib = torch.cuda.memory_allocated() / 2**30 if cuda else 0.0
@@ -196,7 +204,7 @@ def run_variant(D, args, spec: dict) -> dict:
     tflops = b * fps / step / 1e12
     pk = peak_tflops(D.device) or float("nan")
     row = dict(variant=",".join(f"{k}={v}" for k, v in spec.items()) or "default", gpus=D.world_size, batch=b,
-               step_s=step, samples_s_gpu=b / step, tflops_gpu=tflops, mfu=tflops / pk, peak_gib=float(peak),
+               step_s=step, wall_step_s=wall_step, skipped=sum(skipped[args.warmup:]), samples_s_gpu=b / step, tflops_gpu=tflops, mfu=tflops / pk, peak_gib=float(peak),
                reserved_gib=reserved, cpu_threads=threads, init_s=init_s, init_gib=init_gib - left_gib,
                steady_gib=steady_gib - left_gib, left_gib=left_gib, peak_raw_gib=float(peak) + left_gib,
                host_peak_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # the process's so far
