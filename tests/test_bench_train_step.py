@@ -35,3 +35,13 @@ def test_live_tensors_name_their_holders():
         del sys.modules["leaky_module"]
     del h, mod
     assert not [line for line in ts.live_tensors("cpu", 2**23, limit=1000) if "700001" in line or "838861" in line]
+
+
+def test_an_offloaded_optimizers_rows_are_paced_by_the_drained_streams():
+    ts = load_train_step()
+    # gpu_run49 (12B, one H200, fp32 moments): compute-stream median 0.975 s, every stream drained 2.806 s per step
+    assert ts.paced_step(0.975, 2.806, optimizer_offload=True) == 2.806
+    # resident rows keep the median, robust to one slow step (the third-depth resident row after gpu_run49: 0.509 s
+    # median, 0.507 s drained)
+    assert ts.paced_step(0.509, 0.507, optimizer_offload=False) == 0.509
+    assert ts.paced_step(0.509, 0.9, optimizer_offload=False) == 0.509
