@@ -5,6 +5,7 @@
 #   GPU 1 (#6): one stage of the chain with the medium preset (40.0M), 8,000 steps decayed to 0, against the small
 #               preset's 43.8-45.3% at 8,000 steps (STAGES=1 PRESET=medium bench/gpu_chain.sh). Its weights don't
 #               come back (a call returns 8 files): the scores, the curve and the logs do.
+# Not run: the 2-GPU kind was withdrawn before it (thirteenth session); GPU 0's part ran alone as gpu_run48/49.
 set -u
 source bench/gpu_env.sh  # installs the wheels once, before the two jobs start (each sources it again: a no-op)
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"

@@ -125,6 +125,27 @@ def live_tensors(device_type: str, min_bytes: int, limit: int = 5) -> list[str]:
     return lines or ["  none: the holder is outside Python (C++ state, an autograd graph, a communicator)"]
 
 
+def leftover_stacks(limit: int = 3, depth: int = 8) -> list[str]:
+    """With CUDA allocation history on (--memory-history): the still-allocated blocks grouped by where they were
+    allocated, largest total first. The leftover of an earlier variant is out of Python's reach (live_tensors finds
+    none of it), so where it was allocated is the clue to what holds it."""
+    groups: dict[tuple, list] = {}
+    for seg in torch.cuda.memory._snapshot().get("segments", []):
+        for b in seg.get("blocks", []):
+            if b.get("state") != "active_allocated":
+                continue
+            frames = b.get("frames") or ((b.get("history") or [{}])[-1].get("frames") or [])
+            key = tuple(f"{Path(f['filename']).name}:{f['line']} {f['name']}" for f in frames
+                        if f.get("filename", "").endswith(".py"))[:depth]
+            g = groups.setdefault(key, [0, 0])
+            g[0] += b.get("size", 0)
+            g[1] += 1
+    lines = []
+    for key, (size, n) in sorted(groups.items(), key=lambda kv: -kv[1][0])[:limit]:
+        lines.append(f"  {size / 2**30:.2f} GiB in {n} blocks, allocated at: " + (" < ".join(key) or "(no Python frames)"))
+    return lines
+
+
 def paced_step(median: float, wall: float, optimizer_offload: bool) -> float:
     """The step time a row's rates use. The median of per-step times synced on the compute stream, except with an
     offloaded optimizer: its copies can run past that sync, and the 12B on one GPU showed a median of 0.975 s against
@@ -149,6 +170,11 @@ def run_variant(D, args, spec: dict) -> dict:
     if D.is_main and left_gib > 0.5:  # who holds it, if Python does (none listed: a holder outside Python's reach)
         print(f"variant {spec}: {left_gib:.1f} GiB left allocated by the last one; the largest tensors Python reaches:\n"
               + "\n".join(live_tensors("cuda", 2**26)), flush=True)
+        if args.memory_history:
+            try:
+                print("where the leftover was allocated:\n" + "\n".join(leftover_stacks()), flush=True)
+            except Exception as err:  # a diagnostic: never the end of the run
+                print(f"leftover_stacks failed: {err!r}", flush=True)
     t_init = time.perf_counter()
     model = build_training_model(cfg, D.mesh, D.device)
     opt = build_optimizer(model.parameters(), cfg.optim, model if cfg.parallel.optimizer_offload else None, cfg.parallel)
@@ -257,7 +283,12 @@ def main() -> int:
                                                      "their summary into the row")
     ap.add_argument("--phases", action="store_true", help="also time forward+backward and clip+optimizer step apart "
                                                           "(a sync between them)")
+    ap.add_argument("--memory-history", action="store_true",
+                    help="record where CUDA memory is allocated (slower allocations): a variant that starts with an "
+                         "earlier one's memory still allocated prints where that was allocated")
     args = ap.parse_args()
+    if args.memory_history and torch.cuda.is_available():
+        torch.cuda.memory._record_memory_history(max_entries=200_000)
     if args.depth:  # the preset's shape with fewer blocks: every later lookup of the preset sees it
         from fluxtrain.models.presets import PRESETS
 

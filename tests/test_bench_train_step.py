@@ -45,3 +45,19 @@ def test_an_offloaded_optimizers_rows_are_paced_by_the_drained_streams():
     # median, 0.507 s drained)
     assert ts.paced_step(0.509, 0.507, optimizer_offload=False) == 0.509
     assert ts.paced_step(0.509, 0.9, optimizer_offload=False) == 0.509
+
+
+def test_the_leftover_is_grouped_by_where_it_was_allocated(monkeypatch):
+    ts = load_train_step()
+    frame = lambda f, line, name: {"filename": f, "line": line, "name": name}  # noqa: E731
+    snap = {"segments": [{"blocks": [
+        {"state": "active_allocated", "size": 3 << 30,
+         "frames": [frame("/t/_fsdp_param.py", 10, "shard"), frame("/t/lib.so", 0, "alloc")]},
+        {"state": "active_allocated", "size": 1 << 30, "frames": [frame("/t/_fsdp_param.py", 10, "shard")]},
+        {"state": "inactive", "size": 5 << 30, "frames": [frame("/t/cache.py", 1, "free")]},  # freed: not counted
+        # older torch keeps the frames in the block's history
+        {"state": "active_allocated", "size": 1 << 29, "history": [{"frames": [frame("/f/optim.py", 3, "ring")]}]},
+    ]}]}
+    monkeypatch.setattr(torch.cuda.memory, "_snapshot", lambda: snap)
+    assert ts.leftover_stacks() == ["  4.00 GiB in 2 blocks, allocated at: _fsdp_param.py:10 shard",
+                                    "  0.50 GiB in 1 blocks, allocated at: optim.py:3 ring"]
