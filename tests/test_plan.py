@@ -242,5 +242,12 @@ def test_the_command_tells_the_host_and_the_flags(capsys):
     best = out.splitlines()[-1]
     assert "--parallel.optimizer_offload true" in best and "--parallel.optimizer_offload_dtype bf16" in best
     assert "--checkpoint.async_save false" in best and "host 44.3 GiB per node" in best
+    assert "faster where the moments' copies outlast" not in out  # already bf16
+    assert main(args + ["--host-mem-gib", "128"]) == 0  # fp32 moments fit this host: exact AdamW first, bf16 named
+    out = capsys.readouterr().out
+    best = next(line for line in out.splitlines() if line.startswith("fastest that fits"))
+    assert "--parallel.optimizer_offload true" in best and "optimizer_offload_dtype bf16" not in best
+    assert "host 88.7 GiB per node" in best
+    assert "faster where the moments' copies outlast the step: --parallel.optimizer_offload_dtype bf16" in out
     assert main(args + ["--host-mem-gib", "32"]) == 1
     assert "nothing fits: add GPUs or host memory" in capsys.readouterr().out
