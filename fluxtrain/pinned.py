@@ -21,7 +21,11 @@ def pinned_zeros(n: int, dtype: torch.dtype, pin: bool) -> torch.Tensor:
     off = -base.ctypes.data % page  # page-aligned start, as registration wants
     host = torch.from_numpy(base[off:off + nbytes])  # keeps `base` alive through the view
     cudart, ptr = torch.cuda.cudart(), host.data_ptr()
-    torch.cuda.check_error(cudart.cudaHostRegister(ptr, nbytes, 0))
+    err = cudart.cudaHostRegister(ptr, nbytes, 0)
+    if int(err) != 0:
+        raise RuntimeError(f"could not page-lock {nbytes / 2**30:.1f} GiB of host memory (CUDA error {int(err)}): "
+                           "`fluxtrain plan --host-mem-gib N` shows what a node must hold; lower it with "
+                           "--parallel.optimizer_offload_dtype bf16 or --checkpoint.async_save false")
     # numpy clears weak references before it frees the data: unregistered while still mapped
     weakref.finalize(base, cudart.cudaHostUnregister, ptr)
     return host.view(dtype)

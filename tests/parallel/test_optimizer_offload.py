@@ -298,3 +298,19 @@ def test_pinned_moments_take_their_bytes_not_the_next_power_of_two():
     host.copy_(src, non_blocking=True)  # asynchronous only from page-locked memory
     torch.cuda.synchronize()
     assert torch.equal(host, src.cpu())
+
+
+def test_memory_that_cannot_be_page_locked_is_refused_in_one_line_with_the_way_out(monkeypatch):
+    from fluxtrain.pinned import pinned_zeros
+
+    class Cudart:  # the host refuses: what cudaHostRegister answers when it can't lock the pages
+        @staticmethod
+        def cudaHostRegister(ptr, nbytes, flags):
+            return 2  # cudaErrorMemoryAllocation
+
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: Cudart)
+    with pytest.raises(RuntimeError) as err:
+        pinned_zeros(2**28, torch.float32, True)  # 1 GiB, never touched (calloc)
+    msg = str(err.value)
+    assert "\n" not in msg and "could not page-lock 1.0 GiB" in msg and "CUDA error 2" in msg
+    assert "--parallel.optimizer_offload_dtype bf16" in msg
