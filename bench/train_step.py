@@ -220,8 +220,8 @@ def run_variant(D, args, spec: dict) -> dict:
                 fwd_bwd.append(marks[-1] - t0)
         else:
             warm_losses.append(float(loss.detach()))
-    # every stream drained (an offloaded optimizer's copies may run past the compute stream's sync): the rate the
-    # timed steps really sustained, against the median of compute-stream step times
+    # every stream drained (an offloaded optimizer's copies may run past the compute stream's sync): a bound from
+    # above on the pace the timed steps sustained (it carries the last step's trailing copies)
     if cuda:
         torch.cuda.synchronize()
     wall_step = (time.perf_counter() - t_timed) / args.steps
@@ -239,7 +239,8 @@ def run_variant(D, args, spec: dict) -> dict:
     tflops = b * fps / step / 1e12
     pk = peak_tflops(D.device) or float("nan")
     row = dict(variant=",".join(f"{k}={v}" for k, v in spec.items()) or "default", gpus=D.world_size, batch=b,
-               step_s=step, median_step_s=median, wall_step_s=wall_step, skipped=sum(skipped[args.warmup:]), samples_s_gpu=b / step, tflops_gpu=tflops, mfu=tflops / pk, peak_gib=float(peak),
+               step_s=step, median_step_s=median, wall_step_s=wall_step, skipped=sum(skipped[args.warmup:]),
+               samples_s_gpu=b / step, tflops_gpu=tflops, mfu=tflops / pk, peak_gib=float(peak),
                reserved_gib=reserved, cpu_threads=threads, init_s=init_s, init_gib=init_gib - left_gib,
                steady_gib=steady_gib - left_gib, left_gib=left_gib, peak_raw_gib=float(peak) + left_gib,
                host_peak_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # the process's so far
