@@ -142,7 +142,8 @@ def leftover_stacks(limit: int = 3, depth: int = 8) -> list[str]:
             g[1] += 1
     lines = []
     for key, (size, n) in sorted(groups.items(), key=lambda kv: -kv[1][0])[:limit]:
-        lines.append(f"  {size / 2**30:.2f} GiB in {n} blocks, allocated at: " + (" < ".join(key) or "(no Python frames)"))
+        where = " < ".join(key) or "(no Python frames)"
+        lines.append(f"  {size / 2**30:.2f} GiB in {n} blocks, allocated at: {where}")
     return lines
 
 
