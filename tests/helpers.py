@@ -56,6 +56,7 @@ def run_variants(nproc: int, out: Path, variants: dict[str, list[str]], base: li
     spec.write_text(json.dumps(variants))
     res = torchrun(nproc, [str(ROOT / "tests" / "parallel" / "run_variants.py"), str(out), str(spec)],
                    timeout=timeout, extra_env={"FLUXTRAIN_TEST_BASE": json.dumps(FAST + (base or []))})
+    (out / "torchrun.stderr").write_text(res.stderr)  # for tests of what the launch printed
     if res.returncode != 0:
         raise AssertionError(f"torchrun failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}")
 

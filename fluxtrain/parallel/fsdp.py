@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
@@ -25,6 +27,13 @@ def apply_fsdp(model: torch.nn.Module, mesh: DeviceMesh, p: ParallelConfig) -> N
     """Shard in place. FULL_SHARD reshards after forward; SHARD_GRAD_OP keeps parameters gathered until backward;
     NO_SHARD replicates (DDP semantics: the 'shard' dimension has size 1); HYBRID_SHARD shards within the mesh's
     second dimension and replicates across the first."""
+    # FSDP2 warns once per module class that returns a view (an in-place op on it would skip the pre-backward
+    # hook). diffusers' single blocks return two slices of one tensor and the model a reshaped output; nothing changes
+    # them in place (the next block concatenates them, the loss is out of place), and tests/parallel/test_fsdp.py
+    # compares sharded with unsharded losses. The warning only alarmed the demo's users.
+    flux = r"(FSDPFlux\w+|FSDPCheckpointWrapper)"  # the blocks, bare or in AC's wrapper, and the model
+    warnings.filterwarnings("ignore", message=rf"FSDP2-wrapped module \({flux}\) returned a view tensor",
+                            category=UserWarning)
     if p.strategy == "NO_SHARD":
         from torch.distributed.device_mesh import init_device_mesh
 
