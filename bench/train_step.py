@@ -226,6 +226,7 @@ def run_variant(D, args, spec: dict) -> dict:
     if cuda:
         torch.cuda.synchronize()
     wall_step = (time.perf_counter() - t_timed) / args.steps
+    skips = sum(skipped[args.warmup:])  # the timed steps' (the profiled ones follow)
     profile = profile_steps(D, args, train_step, sync, spec) if args.profile else None
     median = statistics.median(times)
     step = paced_step(median, wall_step, cfg.parallel.optimizer_offload)
@@ -240,7 +241,7 @@ def run_variant(D, args, spec: dict) -> dict:
     tflops = b * fps / step / 1e12
     pk = peak_tflops(D.device) or float("nan")
     row = dict(variant=",".join(f"{k}={v}" for k, v in spec.items()) or "default", gpus=D.world_size, batch=b,
-               step_s=step, median_step_s=median, wall_step_s=wall_step, skipped=sum(skipped[args.warmup:]),
+               step_s=step, median_step_s=median, wall_step_s=wall_step, skipped=skips,
                samples_s_gpu=b / step, tflops_gpu=tflops, mfu=tflops / pk, peak_gib=float(peak),
                reserved_gib=reserved, cpu_threads=threads, init_s=init_s, init_gib=init_gib - left_gib,
                steady_gib=steady_gib - left_gib, left_gib=left_gib, peak_raw_gib=float(peak) + left_gib,

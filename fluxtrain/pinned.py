@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import weakref
+
+import numpy as np
 import torch
 
 
@@ -12,10 +15,6 @@ def pinned_zeros(n: int, dtype: torch.dtype, pin: bool) -> torch.Tensor:
     is allocated pageable and page-locked with cudaHostRegister; it is unregistered when the last view of it goes."""
     if not pin:
         return torch.zeros(n, dtype=dtype)
-    import weakref
-
-    import numpy as np
-
     page, nbytes = 4096, n * dtype.itemsize
     base = np.zeros(nbytes + page, dtype=np.uint8)  # calloc: zero pages, touched when registered
     off = -base.ctypes.data % page  # page-aligned start, as registration wants
