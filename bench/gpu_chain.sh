@@ -16,13 +16,27 @@
 # is scored with 3 eval seeds (3 × 64 complex renders: ±2.2 points at 90%), the others with one. Both chains so far
 # (restarts, one decay) plateau near 80% with the small preset: PRESET=medium (1.5× the width, 40.0M) and RES=128 are
 # the next probes (every stage of a chain with the same PRESET and RES; STAGES=1 is one run decayed to 0).
+# FROM=warm: start from the weights the last call left in /tmp/warm-out of this still-warm machine (it stays warm
+# ~30 s after a call), for weights that can't come back: the medium preset's export is 78 MB, more than a call
+# returns and more than one carries. RESTART=1: every stage its own cosine from LR to 0 (the eleventh session's
+# schedule), so each stage's end is a finished run.
 set -u
 STAGE=${STAGE:-1} STAGES=${STAGES:-3} PRESET=${PRESET:-small} RES=${RES:-64}
 read -r LR MINR < <(python3 -c "import math; f=lambda k: .5*(1+math.cos(math.pi*k/$STAGES)); \
-a, b = f($STAGE-1), f($STAGE); print(${LR:-1e-3}*a, b/a)")
+a, b = f($STAGE-1), f($STAGE); print(${LR:-1e-3}*a, b/a) if not ${RESTART:-0} else print(${LR:-1e-3}, 0.0)")
 # a warm machine's last stage: its weights, runs and scores (its data folders are keyed by their seed: kept)
-rm -rf /tmp/warm /tmp/warm-out /tmp/sweep/runs /tmp/sweep/evals /tmp/sweep/curve /tmp/sweep/train-*.log
-if [ "$STAGE" -gt 1 ]; then  # from the last stage's export, which chain_prep.sh put into .chain/ with its stage
+rm -rf /tmp/warm
+if [ "${FROM:-}" = warm ]; then  # the last call's export, still on this machine if it stayed warm
+  if [ "$(cat /tmp/warm-out/.stage 2>/dev/null)" != "$((STAGE - 1)) $PRESET $RES" ]; then
+    echo "FROM=warm: /tmp/warm-out holds '$(cat /tmp/warm-out/.stage 2>/dev/null)' (stage preset px), stage $STAGE" \
+      "needs '$((STAGE - 1)) $PRESET $RES': the machine was given back since that call; rerun from stage 1" >&2; exit 2
+  fi
+  mv /tmp/warm-out /tmp/warm && rm /tmp/warm/.stage
+fi
+rm -rf /tmp/warm-out /tmp/sweep/runs /tmp/sweep/evals /tmp/sweep/curve /tmp/sweep/train-*.log
+if [ "${FROM:-}" = warm ]; then
+  ENC=/tmp/warm INIT="--model.pretrained /tmp/warm"
+elif [ "$STAGE" -gt 1 ]; then  # from the last stage's export, which chain_prep.sh put into .chain/ with its stage
   if [ "$(cat .chain/stage 2>/dev/null)" != "$((STAGE - 1))" ]; then
     echo "stage $STAGE needs stage $((STAGE - 1))'s weights, .chain/ holds stage '$(cat .chain/stage 2>/dev/null)'s:" \
       "run bench/chain_prep.sh on that stage's folder and carry [\".chain\"]" >&2; exit 2
@@ -41,16 +55,19 @@ source bench/gpu_env.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 echo "stage $STAGE of $STAGES from ${INIT:-random init}; encoders $ENC; lr $LR decaying to $MINR of it"
 timeout 540 python3 bench/adherence_sweep.py --work /tmp/sweep --out "$OUT" --max-minutes ${MAX_MIN:-6.5} \
-  --num ${NUM:-32000} --chunks ${CHUNKS:-16} --data-seed "$STAGE" --cuda-graphs --batch ${BATCH:-256} \
+  --num ${NUM:-32000} --chunks ${CHUNKS:-16} --data-seed ${DATA_SEED:-$STAGE} --cuda-graphs --batch ${BATCH:-256} \
   --preset $PRESET --resolution $RES \
   --seeds ${SEED:-0} --encoders "$ENC" --steps ${STEPS:-8000} --schedule cosine --lr "$LR" --curve \
   --eval-seeds ${EVAL_SEEDS:-$([ "$STAGE" = "$STAGES" ] && echo 0 1 2 || echo 0)} \
-  --variants "stage$STAGE=$INIT --optim.min_lr_ratio $MINR --checkpoint.interval 2000 --checkpoint.keep 10" \
+  --variants "stage$STAGE=$INIT --optim.min_lr_ratio $MINR --checkpoint.interval ${CK_EVERY:-2000} --checkpoint.keep 10" \
   --evals "cfg4s50=--true-cfg 4 --steps 50" \
   2>&1 | grep -v "UserWarning\|warnings.warn\|Loading weights" | tail -20
 CK=$(ls -d /tmp/sweep/runs/*/checkpoints/step-* | tail -1)
 python3 -m fluxtrain export --checkpoint "$CK" --format diffusers --out /tmp/warm-out --dtype bf16 2>&1 | tail -1
-tar cf - -C /tmp/warm-out . | split -b 15M -d - "$OUT/warm.tar."
+# parts back only where they fit beside the 4 other files a call returns (8 at most); FROM=warm reads the folder
+if [ "$(du -sm /tmp/warm-out | cut -f1)" -le 60 ]; then tar cf - -C /tmp/warm-out . | split -b 15M -d - "$OUT/warm.tar."
+else echo "the export ($(du -sh /tmp/warm-out | cut -f1)) stays on this machine: the next stage needs FROM=warm"; fi
+echo "$STAGE $PRESET $RES" > /tmp/warm-out/.stage
 cd /tmp/sweep && tar czf "$OUT/logs.tgz" train-*.log runs/*/metrics.jsonl runs/*/config.toml evals/*.json \
   evals/*failures*.png curve/*.json 2>/dev/null
 # one failure grid beside the parts: a call returns 8 files (the twelfth session's stage 3 had 3 grids, and its last
