@@ -110,6 +110,11 @@ def main() -> int:
     ap.add_argument("--caption-dropout", type=float, default=0.1, help="for classifier-free guidance at eval")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--max-minutes", type=float, default=4.5, help="per run (all runs at once)")
+    ap.add_argument("--deadline-minutes", type=float, default=None,
+                    help="the whole sweep's budget from its start (data, training, scoring): the runs' clock is cut "
+                         "so that --eval-reserve-s is left for scoring (a device call's limit; the fourteenth session's "
+                         "first medium stage trained to the clock and its scoring was killed by the call's timeout)")
+    ap.add_argument("--eval-reserve-s", type=float, default=75.0, help="left for scoring under --deadline-minutes")
     ap.add_argument("--gpus", type=int, default=None, help="default: all visible")
     ap.add_argument("--encoders", default="shipped",
                     help="a tiny-FLUX folder, 'shipped' (default; gpu_run36/37) or 'bind' (as the ablation's "
@@ -173,7 +178,9 @@ def main() -> int:
         ov = AA.train_args(ra, data_dir(res) / f"cache-{a.data}", run, seed, 0.0, compile_)
         ov += (["--log.interval", str(a.log_interval)] if a.log_interval else []) + extra
         cmds.append((AA.PY + ov, {**AA.gpu_env(i, gpus), "OMP_NUM_THREADS": "1"}, work / f"train-{v}-s{seed}.log"))
-    walls = AA.run_all(cmds, timeout_s=60 * a.max_minutes)
+    clock = train_clock(a.max_minutes, a.deadline_minutes, time.time() - t0, a.eval_reserve_s)
+    print(f"training clock {clock:.0f}s", flush=True)
+    walls = AA.run_all(cmds, timeout_s=clock)
     summaries = [run_summary(work / "runs" / f"{v}-s{s}") for v, s in runs]
 
     (work / "evals").mkdir(exist_ok=True)
@@ -219,6 +226,19 @@ def main() -> int:
     (out / "sweep.md").write_text(table(result))
     print(table(result))
     return 0
+
+
+def train_clock(max_minutes: float, deadline_minutes: float | None, elapsed_s: float, reserve_s: float) -> float:
+    """Seconds the runs may train: --max-minutes, cut to what the deadline leaves after the time already spent (data,
+    compile warm-up) and the scoring reserve. Under a minute left is an error, before any run starts."""
+    clock = 60 * max_minutes
+    if deadline_minutes is not None:
+        clock = min(clock, 60 * deadline_minutes - elapsed_s - reserve_s)
+        if clock < 60:
+            raise SystemExit(f"--deadline-minutes {deadline_minutes} leaves {clock:.0f}s of training after "
+                             f"{elapsed_s:.0f}s of data and a {reserve_s:.0f}s scoring reserve: raise the deadline "
+                             "or make less data (--num)")
+    return clock
 
 
 def pct(x: float | None) -> str:
