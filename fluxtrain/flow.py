@@ -105,11 +105,13 @@ def transformer_inputs(x_t_packed, sigma, seq, pooled, lat_h, lat_w, guidance: f
 @torch.no_grad()
 def sample(transformer, seq, pooled, lat_h, lat_w, *, steps=20, guidance: float | None = 3.5,
            generator: torch.Generator | None = None, neg=None, cfg_scale: float = 1.0,
-           noise: torch.Tensor | None = None) -> torch.Tensor:
+           noise: torch.Tensor | None = None, cfg_interval: tuple[float, float] | None = None) -> torch.Tensor:
     """Euler sampling with diffusers' FlowMatchEulerDiscreteScheduler and FLUX's shifted schedule.
 
     Returns latents [B, C, lat_h, lat_w]. `neg` (seq, pooled) with cfg_scale > 1 gives true classifier-free guidance
-    (both branches in one batch). `noise` [B, C, lat_h, lat_w] is the starting point (default: drawn from generator).
+    (both branches in one batch). `cfg_interval` (lo, hi): guide only the steps whose σ (shifted; 1 is noise) lies
+    in [lo, hi], the others take the prompt's branch alone (guidance in a limited interval, Kynkäänniemi et al.
+    2024). `noise` [B, C, lat_h, lat_w] is the starting point (default: drawn from generator).
     """
     from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -119,8 +121,9 @@ def sample(transformer, seq, pooled, lat_h, lat_w, *, steps=20, guidance: float 
     x = noise if noise is not None else torch.randn(b, channels, lat_h, lat_w, generator=generator, device="cpu")
     x = pack(x.to(dev))
     cfg = neg is not None and cfg_scale != 1.0
+    lo, hi = cfg_interval if cfg_interval is not None else (0.0, 1.0)
     if cfg:
-        seq, pooled = torch.cat([seq, neg[0].expand_as(seq)]), torch.cat([pooled, neg[1].expand_as(pooled)])
+        both = torch.cat([seq, neg[0].expand_as(seq)]), torch.cat([pooled, neg[1].expand_as(pooled)])
     sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                             base_image_seq_len=256, max_image_seq_len=4096)
     import numpy as np
@@ -128,10 +131,11 @@ def sample(transformer, seq, pooled, lat_h, lat_w, *, steps=20, guidance: float 
     sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=shift_mu(x.shape[1]), device=dev)
     dtype = next(transformer.parameters()).dtype
     for t in sched.timesteps:
-        xin = torch.cat([x, x]) if cfg else x
+        guided = cfg and lo <= float(t) / 1000 <= hi
+        xin, (s, p) = (torch.cat([x, x]), both) if guided else (x, (seq, pooled))
         sigma = (t / 1000).expand(xin.shape[0])
-        pred = transformer(**transformer_inputs(xin.to(dtype), sigma, seq, pooled, lat_h, lat_w, guidance))[0]
-        if cfg:
+        pred = transformer(**transformer_inputs(xin.to(dtype), sigma, s, p, lat_h, lat_w, guidance))[0]
+        if guided:
             pred_c, pred_n = pred.chunk(2)
             pred = pred_n + cfg_scale * (pred_c - pred_n)
         x = sched.step(pred.float(), t, x, return_dict=False)[0]

@@ -79,3 +79,26 @@ def test_true_cfg_combines_the_branches_of_one_batch():
     torch.testing.assert_close(zero, only_neg, atol=1e-5, rtol=1e-5)
     assert torch.equal(one, plain)
     assert not torch.allclose(four, plain, atol=1e-3)
+
+
+def test_cfg_interval_guides_only_the_steps_inside_it():
+    """An interval holding every σ is plain CFG, an interval holding none is no CFG, and one in between differs from
+    both: the guided steps are the ones whose σ is in [lo, hi]."""
+    from fluxtrain.models.flux import build_transformer
+    from fluxtrain.models.presets import transformer_kwargs
+
+    torch.manual_seed(0)
+    model = build_transformer(transformer_kwargs("tiny"), device="cpu").eval()
+    seq, pooled = torch.randn(2, 8, 64), torch.randn(2, 64)
+    neg = (torch.randn(1, 8, 64), torch.randn(1, 64))
+    kw = dict(steps=4, guidance=1.0, noise=torch.randn(2, 16, 8, 8), neg=neg, cfg_scale=4.0)
+    with torch.no_grad():
+        full = flow.sample(model, seq, pooled, 8, 8, **kw)
+        every = flow.sample(model, seq, pooled, 8, 8, cfg_interval=(0.0, 1.0), **kw)
+        none = flow.sample(model, seq, pooled, 8, 8, cfg_interval=(0.0, 0.01), **kw)
+        plain = flow.sample(model, seq, pooled, 8, 8, **{**kw, "cfg_scale": 1.0})
+        # σ of the 4 steps (shifted): the first ~1.0, the last ~0.3; guide the late ones only
+        late = flow.sample(model, seq, pooled, 8, 8, cfg_interval=(0.0, 0.8), **kw)
+    torch.testing.assert_close(every, full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(none, plain, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(late, full, atol=1e-3) and not torch.allclose(late, plain, atol=1e-3)

@@ -86,14 +86,15 @@ def clip_score(clip_dir, images: list[Image.Image], texts: list[str], device=Non
 # ------------------------------------------------------------------------------------------------ generation
 
 def generate_batched(transformer, text, vae, prompts: list[str], resolution: int, steps: int,
-                     guidance: float | None, seed: int, batch: int = 16, true_cfg: float = 1.0) -> list[Image.Image]:
+                     guidance: float | None, seed: int, batch: int = 16, true_cfg: float = 1.0,
+                     cfg_interval: tuple[float, float] | None = None) -> list[Image.Image]:
     """grid.generate in chunks of `batch` prompts (bounded text-encoder/VAE memory); prompt i always uses seed + i."""
     from fluxtrain.eval.grid import generate
 
     images: list[Image.Image] = []
     for s in range(0, len(prompts), batch):
         images += generate(transformer, text, vae, prompts[s:s + batch], resolution, steps=steps, guidance=guidance,
-                           seed=seed + s, true_cfg=true_cfg)
+                           seed=seed + s, true_cfg=true_cfg, cfg_interval=cfg_interval)
     return images
 
 
@@ -269,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--true-cfg", type=float, default=None,
                     help="classifier-free guidance scale against the empty prompt (default: the run's "
                          "eval.true_cfg_scale, else 1 = off)")
+    ap.add_argument("--cfg-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                    help="apply --true-cfg only at sampling steps whose σ (shifted; 1 = noise, 0 = image) is in "
+                         "[LO, HI]; the others use the prompt alone (default: every step)")
     ap.add_argument("--limit", type=int, default=None, help="evaluate this many prompts, spread over the sets")
     ap.add_argument("--batch", type=int, default=16, help="prompts per generation chunk")
     ap.add_argument("--clip", default=None, help="local CLIP model folder: also report the mean CLIP score")
@@ -276,6 +280,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default=None)
     a = ap.parse_args(argv)
     t0 = time.time()
+    if a.cfg_interval and not 0 <= a.cfg_interval[0] <= a.cfg_interval[1] <= 1:
+        print(f"fluxtrain: error: --cfg-interval {a.cfg_interval[0]} {a.cfg_interval[1]}: give 0 ≤ LO ≤ HI ≤ 1 "
+              "(σ: 1 is noise)", file=sys.stderr)
+        return 2
 
     files = [Path(p) for p in (a.prompts or DEFAULT_PROMPT_FILES)]
     for f in files:
@@ -296,12 +304,13 @@ def main(argv: list[str] | None = None) -> int:
     g = a.guidance if a.guidance is not None else (cfg.model.guidance if cfg else 3.5)
     guidance = g if model.config.guidance_embeds else None
     true_cfg = a.true_cfg if a.true_cfg is not None else (cfg.eval.true_cfg_scale if cfg else 1.0)
-    images = generate_batched(model, text, vae, prompts, res, steps, guidance, a.seed, a.batch, true_cfg)
+    images = generate_batched(model, text, vae, prompts, res, steps, guidance, a.seed, a.batch, true_cfg,
+                              tuple(a.cfg_interval) if a.cfg_interval else None)
     summary, results = score_pairs(images, prompts)
     overlap, basis = train_overlap(prompts, a.train_shards)
     report = {**summary, "train_overlap": overlap, "train_overlap_basis": basis, "n_prompts": len(prompts),
               "clip_score": None, "model": str(a.model), "prompt_files": [str(f) for f in files],
-              "steps": steps, "resolution": res, "guidance": guidance, "true_cfg": true_cfg, "seed": a.seed,
+              "steps": steps, "resolution": res, "guidance": guidance, "true_cfg": true_cfg, "cfg_interval": a.cfg_interval, "seed": a.seed,
               "limit": a.limit}
     if a.clip:
         report["clip_score"] = clip_score(a.clip, images, prompts, device)

@@ -12,9 +12,11 @@ from fluxtrain import flow
 
 @torch.no_grad()
 def generate(transformer, text, vae, prompts: list[str], resolution: int, steps: int = 20,
-             guidance: float | None = 3.5, seed: int = 0, true_cfg: float = 1.0) -> list[Image.Image]:
+             guidance: float | None = 3.5, seed: int = 0, true_cfg: float = 1.0,
+             cfg_interval: tuple[float, float] | None = None) -> list[Image.Image]:
     """One image per prompt, all prompts in one batch; prompt i starts from the noise of seed + i, so a grid is
-    reproducible prompt by prompt. true_cfg > 1: classifier-free guidance against the empty prompt."""
+    reproducible prompt by prompt. true_cfg > 1: classifier-free guidance against the empty prompt (only for σ in
+    cfg_interval, when given: flow.sample)."""
     seq, pooled = text(prompts)
     lat = resolution // vae.downsample
     channels = transformer.config.in_channels // 4
@@ -22,7 +24,7 @@ def generate(transformer, text, vae, prompts: list[str], resolution: int, steps:
                        for i in range(len(prompts))])
     neg = text([""]) if true_cfg != 1.0 else None
     latents = flow.sample(transformer, seq, pooled, lat, lat, steps=steps, guidance=guidance, noise=noise, neg=neg,
-                          cfg_scale=true_cfg)
+                          cfg_scale=true_cfg, cfg_interval=cfg_interval)
     images = vae.decode(latents.to(seq.device))
     arr = ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(a) for a in arr]

@@ -66,13 +66,19 @@ def test_eval_tiny_model_end_to_end(tmp_path):
 
     out, grid = tmp_path / "e" / "adh.json", tmp_path / "e" / "fails.png"
     res = _fluxtrain("eval", "--model", tiny_folder(), "--limit", 4, "--steps", 2, "--out", out, "--grid", grid,
-                     "--batch", 3, timeout=600)
+                     "--batch", 3, "--true-cfg", 3, "--cfg-interval", 0, 0.5, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     rep = json.loads(out.read_text())
+    assert rep["true_cfg"] == 3 and rep["cfg_interval"] == [0, 0.5]
     assert rep["n"] == 4 and rep["n_prompts"] == 4 and rep["train_overlap"] == 0 and rep["n_unparsed"] == 0
     assert 0.0 <= rep["overall"] <= 1.0 and set(rep["per_split"]) == {"simple", "complex"}  # spread over both sets
     assert rep["resolution"] == 64 and rep["steps"] == 2 and len(rep["results"]) == 4
     assert rep["failures_png"] == str(grid) and Image.open(grid).size[0] > 0
+
+
+def test_eval_rejects_a_reversed_cfg_interval_before_loading(tmp_path):
+    res = _fluxtrain("eval", "--model", tmp_path / "absent", "--true-cfg", 4, "--cfg-interval", 0.8, 0.2)
+    assert res.returncode == 2 and "give 0 ≤ LO ≤ HI ≤ 1" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_clip_score_with_tiny_random_clip(tmp_path):
