@@ -14,12 +14,15 @@
 # optimizer's 200-step warm-up. The first chain (the eleventh session) restarted every stage at lr 1e-3 and lost
 # half of what the last stage had learnt in its first 2,000 steps (79.7% → 35.9% on complex prompts). The last stage
 # is scored with 3 eval seeds (3 × 64 complex renders: ±2.2 points at 90%), the others with one. Both chains so far
-# (restarts, one decay) plateau near 80% with the small preset: PRESET=medium (1.5× the width, 40.0M) and RES=128 are
-# the next probes (every stage of a chain with the same PRESET and RES; STAGES=1 is one run decayed to 0).
+# (restarts, one decay) plateau near 80% with the small preset; PRESET=medium (1.5× the width, 40.0M) did not do
+# better (fourteenth session). RES=128 is not measured (every stage of a chain with the same PRESET and RES; STAGES=1
+# is one run decayed to 0).
 # FROM=warm: start from the weights the last call left in /tmp/warm-out of this still-warm machine (it stays warm
-# ~30 s after a call), for weights that can't come back: the medium preset's export is 78 MB, more than a call
-# returns and more than one carries. RESTART=1: every stage its own cosine from LR to 0 (the eleventh session's
-# schedule), so each stage's end is a finished run.
+# ~30 s after a call, so issue the next call at once), for weights that can't come back (the medium preset's export
+# is 79 MB, more than a call returns or carries) and to skip chain_prep.sh. RESTART=1: every stage its own cosine
+# from LR to 0 (the eleventh session's schedule, 82.8%), so each stage's end is a finished run. Three back-to-back
+# calls, carry [".whl"] each (~27 device minutes):
+#   RESTART=1 STAGE=1 bash bench/gpu_chain.sh;  then FROM=warm RESTART=1 STAGE=2 …;  then FROM=warm RESTART=1 STAGE=3 …
 set -u
 STAGE=${STAGE:-1} STAGES=${STAGES:-3} PRESET=${PRESET:-small} RES=${RES:-64}
 read -r LR MINR < <(python3 -c "import math; f=lambda k: .5*(1+math.cos(math.pi*k/$STAGES)); \
@@ -54,16 +57,22 @@ fi
 source bench/gpu_env.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 echo "stage $STAGE of $STAGES from ${INIT:-random init}; encoders $ENC; lr $LR decaying to $MINR of it"
+# Every stage is scored at CFG 4 with 50 sampling steps. The last one also under other guidance: the medium chain's
+# failures were mostly one object too many in count prompts, and guidance at the high-noise steps, where the layout
+# forms, is a suspect (--cfg-interval: guided only where σ ≤ 0.8 or ≤ 0.6), as is the scale (CFG 2).
+EV=("cfg4s50=--true-cfg 4 --steps 50")
+[ "$STAGE" = "$STAGES" ] && EV+=("cfg4s50i08=--true-cfg 4 --steps 50 --cfg-interval 0 0.8"
+  "cfg4s50i06=--true-cfg 4 --steps 50 --cfg-interval 0 0.6" "cfg2s50=--true-cfg 2 --steps 50")
 # the sweep's deadline cuts the training clock so that scoring fits before this timeout (a medium stage once trained
 # to the clock and lost its scores to it)
 timeout 555 python3 bench/adherence_sweep.py --work /tmp/sweep --out "$OUT" --max-minutes ${MAX_MIN:-7.5} \
-  --deadline-minutes ${DEADLINE_MIN:-9.0} --eval-reserve-s ${EVAL_RESERVE:-$([ "$STAGE" = "$STAGES" ] && echo 80 || echo 60)} \
+  --deadline-minutes ${DEADLINE_MIN:-9.0} --eval-reserve-s ${EVAL_RESERVE:-$([ "$STAGE" = "$STAGES" ] && echo 120 || echo 60)} \
   --num ${NUM:-32000} --chunks ${CHUNKS:-16} --data-seed ${DATA_SEED:-$STAGE} --cuda-graphs --batch ${BATCH:-256} \
   --preset $PRESET --resolution $RES \
   --seeds ${SEED:-0} --encoders "$ENC" --steps ${STEPS:-8000} --schedule cosine --lr "$LR" --curve \
   --eval-seeds ${EVAL_SEEDS:-$([ "$STAGE" = "$STAGES" ] && echo 0 1 2 || echo 0)} \
   --variants "stage$STAGE=$INIT --optim.min_lr_ratio $MINR --checkpoint.interval ${CK_EVERY:-2000} --checkpoint.keep 10" \
-  --evals "cfg4s50=--true-cfg 4 --steps 50" \
+  --evals "${EV[@]}" \
   2>&1 | grep -v "UserWarning\|warnings.warn\|Loading weights" | tail -20
 CK=$(ls -d /tmp/sweep/runs/*/checkpoints/step-* | tail -1)
 python3 -m fluxtrain export --checkpoint "$CK" --format diffusers --out /tmp/warm-out --dtype bf16 2>&1 | tail -1
@@ -75,4 +84,4 @@ cd /tmp/sweep && tar czf "$OUT/logs.tgz" train-*.log runs/*/metrics.jsonl runs/*
   evals/*failures*.png curve/*.json 2>/dev/null
 # one failure grid beside the parts: a call returns 8 files (the twelfth session's stage 3 had 3 grids, and its last
 # part was left out)
-cp /tmp/sweep/evals/*-e0-failures.png "$OUT/" 2>/dev/null; ls -la "$OUT"
+cp /tmp/sweep/evals/*-cfg4s50-e0-failures.png "$OUT/" 2>/dev/null; ls -la "$OUT"
