@@ -233,11 +233,12 @@ def train_clock(max_minutes: float, deadline_minutes: float | None, elapsed_s: f
     compile warm-up) and the scoring reserve. Under a minute left is an error, before any run starts."""
     clock = 60 * max_minutes
     if deadline_minutes is not None:
-        clock = min(clock, 60 * deadline_minutes - elapsed_s - reserve_s)
-        if clock < 60:
-            raise SystemExit(f"--deadline-minutes {deadline_minutes} leaves {clock:.0f}s of training after "
+        left = 60 * deadline_minutes - elapsed_s - reserve_s
+        if left < 60:
+            raise SystemExit(f"--deadline-minutes {deadline_minutes} leaves {left:.0f}s of training after "
                              f"{elapsed_s:.0f}s of data and a {reserve_s:.0f}s scoring reserve: raise the deadline "
                              "or make less data (--num)")
+        clock = min(clock, left)
     return clock
 
 
