@@ -143,6 +143,13 @@ def predict(cfg: C.Config, gpus: int, kw: dict | None = None) -> Plan:
     # ITC runs the batch and its empty-prompt copy through the model as one batch of 2B (itc.ITCObjective.forward)
     samples = cfg.train.batch_size * (2 if cfg.train.itc_weight > 0 else 1)
     act = samples * layers * tokens * d * ACT_BYTES[key] * (2 if pbytes == 4 else 1)
+    if p.fp8 and p.fp8_recipe == "tensorwise_saved" and key[0] == "ops":
+        # op-level AC then also keeps the linears' fp8 inputs, 1 byte an element (_policy_fp8_casts): in units of d
+        # per token, 9 per double block (q, k, v, out, ff in, ff out (4d), on each stream) and 9 per single block
+        # (q, k, v, mlp, out (5d)) eagerly, as tests/test_plan.py counts; compiled, q/k/v(/mlp) share one cast
+        # (inductor's CSE, thirteenth session): 7 and 6. Not yet checked against a measured peak.
+        wd, ws = (7, 6) if cfg.train.compile else (9, 9)
+        act += samples * tokens * d * (kw["num_layers"] * wd + kw["num_single_layers"] * ws)
     enc = 0.0 if cfg.data.source == "cache" else ENCODER_PARAMS.get(cfg.model.preset, 0) * 2
     return Plan(states / GIB, grads / GIB, buffers / GIB, act / GIB, enc / GIB, OVERHEAD_GIB, cfg.train.grad_accum > 1,
                 host / GIB, staging / GIB)
