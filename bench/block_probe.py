@@ -45,7 +45,8 @@ def probe(kw: dict, attn: str, ac: str, batch: int, text: int, steps: int, devic
           compiled: bool = True, ref: dict | None = None, fp8: str | None = None, fp8_ag: bool = True) -> dict:
     torch.manual_seed(0)
     model = build_transformer(kw, device=device).to(torch.bfloat16)
-    p = C.ParallelConfig(activation_checkpointing="selective" if ac == "ops" else ac, ac_ops=ac == "ops")
+    p = C.ParallelConfig(activation_checkpointing="selective" if ac == "ops" else ac, ac_ops=ac == "ops",
+                         fp8=fp8 is not None, fp8_recipe=fp8 or "tensorwise")  # tensorwise_saved: its AC policy
     apply_attention_backend(model, "cudnn" if attn == "dcudnn" else attn, device, "bf16")
     if attn == "dcudnn":  # diffusers' own cuDNN backend, not fluxtrain's opaque op
         from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
