@@ -65,13 +65,14 @@ EV=("cfg4s50=--true-cfg 4 --steps 50")
   "cfg4s50i06=--true-cfg 4 --steps 50 --cfg-interval 0 0.6" "cfg2s50=--true-cfg 2 --steps 50")
 # the sweep's deadline cuts the training clock so that scoring fits before this timeout (a medium stage once trained
 # to the clock and lost its scores to it)
+LAST=$([ "$STAGE" = "$STAGES" ] && echo 1 || echo 0)  # the last stage: 3 eval seeds × 4 settings, fewer curve points
 timeout 555 python3 bench/adherence_sweep.py --work /tmp/sweep --out "$OUT" --max-minutes ${MAX_MIN:-7.5} \
-  --deadline-minutes ${DEADLINE_MIN:-9.0} --eval-reserve-s ${EVAL_RESERVE:-$([ "$STAGE" = "$STAGES" ] && echo 120 || echo 60)} \
+  --deadline-minutes ${DEADLINE_MIN:-9.0} --eval-reserve-s ${EVAL_RESERVE:-$((LAST ? 120 : 60))} \
   --num ${NUM:-32000} --chunks ${CHUNKS:-16} --data-seed ${DATA_SEED:-$STAGE} --cuda-graphs --batch ${BATCH:-256} \
   --preset $PRESET --resolution $RES \
   --seeds ${SEED:-0} --encoders "$ENC" --steps ${STEPS:-8000} --schedule cosine --lr "$LR" --curve \
-  --eval-seeds ${EVAL_SEEDS:-$([ "$STAGE" = "$STAGES" ] && echo 0 1 2 || echo 0)} \
-  --variants "stage$STAGE=$INIT --optim.min_lr_ratio $MINR --checkpoint.interval ${CK_EVERY:-2000} --checkpoint.keep 10" \
+  --eval-seeds ${EVAL_SEEDS:-$( ((LAST)) && echo 0 1 2 || echo 0)} \
+  --variants "stage$STAGE=$INIT --optim.min_lr_ratio $MINR --checkpoint.interval ${CK_EVERY:-$((LAST ? 4000 : 2000))} --checkpoint.keep 10" \
   --evals "${EV[@]}" \
   2>&1 | grep -v "UserWarning\|warnings.warn\|Loading weights" | tail -20
 CK=$(ls -d /tmp/sweep/runs/*/checkpoints/step-* | tail -1)

@@ -310,8 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     overlap, basis = train_overlap(prompts, a.train_shards)
     report = {**summary, "train_overlap": overlap, "train_overlap_basis": basis, "n_prompts": len(prompts),
               "clip_score": None, "model": str(a.model), "prompt_files": [str(f) for f in files],
-              "steps": steps, "resolution": res, "guidance": guidance, "true_cfg": true_cfg, "cfg_interval": a.cfg_interval, "seed": a.seed,
-              "limit": a.limit}
+              "steps": steps, "resolution": res, "guidance": guidance, "true_cfg": true_cfg,
+              "cfg_interval": a.cfg_interval, "seed": a.seed, "limit": a.limit}
     if a.clip:
         report["clip_score"] = clip_score(a.clip, images, prompts, device)
         report["clip_model"] = str(a.clip)
