@@ -146,8 +146,8 @@ def predict(cfg: C.Config, gpus: int, kw: dict | None = None) -> Plan:
     if p.fp8 and p.fp8_recipe == "tensorwise_saved" and key[0] == "ops":
         # op-level AC then also keeps the linears' fp8 inputs, 1 byte an element (_policy_fp8_casts): in units of d
         # per token, 9 per double block (q, k, v, out, ff in, ff out (4d), on each stream) and 9 per single block
-        # (q, k, v, mlp, out (5d)) eagerly, as tests/parallel/test_fp8.py counts; compiled, q/k/v(/mlp) share one cast
-        # (inductor's CSE, thirteenth session): 7 and 6. Not yet checked against a measured peak.
+        # (q, k, v, mlp, out (5d)) eagerly; compiled, q/k/v(/mlp) share one cast (inductor's CSE): 7 and 6. Both are
+        # the bytes diffusers' blocks keep (tests/parallel/test_fp8.py); not yet checked against a GPU's peak.
         wd, ws = (7, 6) if cfg.train.compile else (9, 9)
         act += samples * tokens * d * (kw["num_layers"] * wd + kw["num_single_layers"] * ws)
     enc = 0.0 if cfg.data.source == "cache" else ENCODER_PARAMS.get(cfg.model.preset, 0) * 2
