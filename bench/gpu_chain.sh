@@ -69,7 +69,7 @@ LAST=$([ "$STAGE" = "$STAGES" ] && echo 1 || echo 0)  # the last stage: 3 eval s
 timeout 555 python3 bench/adherence_sweep.py --work /tmp/sweep --out "$OUT" --max-minutes ${MAX_MIN:-7.5} \
   --deadline-minutes ${DEADLINE_MIN:-9.0} --eval-reserve-s ${EVAL_RESERVE:-$((LAST ? 120 : 60))} \
   --num ${NUM:-32000} --chunks ${CHUNKS:-16} --data-seed ${DATA_SEED:-$STAGE} --cuda-graphs --batch ${BATCH:-256} \
-  --preset $PRESET --resolution $RES \
+  --preset $PRESET --resolution $RES --data ${DATA:-complex_clean} \
   --seeds ${SEED:-0} --encoders "$ENC" --steps ${STEPS:-8000} --schedule cosine --lr "$LR" --curve \
   --eval-seeds ${EVAL_SEEDS:-$( ((LAST)) && echo 0 1 2 || echo 0)} \
   --variants "stage$STAGE=$INIT --optim.min_lr_ratio $MINR --checkpoint.interval ${CK_EVERY:-$((LAST ? 4000 : 2000))} --checkpoint.keep 10" \
