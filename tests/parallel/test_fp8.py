@@ -171,7 +171,7 @@ def test_tensorwise_saved_reuses_the_forward_input_cast_with_the_same_gradients(
 # for the planner. Eager: each activation cast that the policy saves, summed over one forward. Compiled (per block,
 # as the trainer does): the fp8 tensors the compiled blocks save for their backward.
 KEPT = r"""
-import json, sys, torch
+import contextlib, json, sys, torch
 from unittest import mock
 from torch.utils._python_dispatch import TorchDispatchMode
 from fluxtrain import flow
@@ -219,9 +219,7 @@ def pack(t):  # a compiled block is one autograd function: its saved tensors pas
     return t
 
 
-import contextlib
-
-k = Kept()
+k = Kept()  # eager only: under a dispatch mode, torch.compile would not compile the blocks
 with contextlib.nullcontext() if compiled else k, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
     model(**flow.transformer_inputs(x, torch.full((batch,), 0.5), seq, pooled, lat, lat, 1.0))
 print("RESULT " + json.dumps(dict(converted=n, nbytes=sum(saved.values()) if compiled else k.nbytes)))
