@@ -60,12 +60,12 @@ echo "stage $STAGE of $STAGES from ${INIT:-random init}; encoders $ENC; lr $LR d
 # Every stage is scored at CFG 4 with 50 sampling steps. The last one also under other guidance: the medium chain's
 # failures were mostly one object too many in count prompts, and guidance at the high-noise steps, where the layout
 # forms, is a suspect (--cfg-interval: guided only where σ ≤ 0.8 or ≤ 0.6), as is the scale (CFG 2).
+LAST=$([ "$STAGE" = "$STAGES" ] && echo 1 || echo 0)  # the last stage: 3 eval seeds × 4 settings, fewer curve points
 EV=("cfg4s50=--true-cfg 4 --steps 50")
-[ "$STAGE" = "$STAGES" ] && EV+=("cfg4s50i08=--true-cfg 4 --steps 50 --cfg-interval 0 0.8"
+((LAST)) && EV+=("cfg4s50i08=--true-cfg 4 --steps 50 --cfg-interval 0 0.8"
   "cfg4s50i06=--true-cfg 4 --steps 50 --cfg-interval 0 0.6" "cfg2s50=--true-cfg 2 --steps 50")
 # the sweep's deadline cuts the training clock so that scoring fits before this timeout (a medium stage once trained
 # to the clock and lost its scores to it)
-LAST=$([ "$STAGE" = "$STAGES" ] && echo 1 || echo 0)  # the last stage: 3 eval seeds × 4 settings, fewer curve points
 timeout 555 python3 bench/adherence_sweep.py --work /tmp/sweep --out "$OUT" --max-minutes ${MAX_MIN:-7.5} \
   --deadline-minutes ${DEADLINE_MIN:-9.0} --eval-reserve-s ${EVAL_RESERVE:-$((LAST ? 120 : 60))} \
   --num ${NUM:-32000} --chunks ${CHUNKS:-16} --data-seed ${DATA_SEED:-$STAGE} --cuda-graphs --batch ${BATCH:-256} \

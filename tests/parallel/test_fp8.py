@@ -20,19 +20,27 @@ HAVE_TORCHAO = importlib.util.find_spec("torchao") is not None or (EXTRA / "torc
 needs_torchao = pytest.mark.skipif(not HAVE_TORCHAO,
                                    reason="torchao (pip install 'fluxtrain[fp8]', or .ci/run's .ci-extra) is missing")
 
-CONVERT = r"""
-import json, sys, torch
+# Every script below starts with this: apply_fp8 as on an fp8 GPU (the conversion itself runs on the CPU).
+PRELUDE = r"""
 from unittest import mock
 from fluxtrain.parallel.fp8 import apply_fp8
+
+
+def convert(model, recipe, all_gather=False):
+    with mock.patch("torch.cuda.is_available", return_value=True), \
+            mock.patch("torch.cuda.get_device_capability", return_value=(9, 0)):
+        return apply_fp8(model, recipe, all_gather)
+"""
+
+CONVERT = r"""
+import json, sys, torch
 out = {}
 for recipe, ag in [("tensorwise", False), ("tensorwise", True), ("tensorwise_gw_hp", False), ("rowwise", False),
                    ("rowwise_with_gw_hp", False)]:
     model = torch.nn.Module()
     model.transformer_blocks = torch.nn.ModuleList([torch.nn.Linear(512, 1024), torch.nn.Linear(64, 64)])
     model.transformer_blocks[0].norm = torch.nn.Linear(512, 512)  # an AdaLN modulation linear: stays bf16
-    with mock.patch("torch.cuda.is_available", return_value=True), \
-            mock.patch("torch.cuda.get_device_capability", return_value=(9, 0)):
-        n = apply_fp8(model, recipe, ag)
+    n = convert(model, recipe, ag)
     c = model.transformer_blocks[0].config
     out[f"{recipe},{int(ag)}"] = dict(
         converted=n, all_gather=c.enable_fsdp_float8_all_gather,
@@ -48,7 +56,8 @@ def run_with_torchao(script: str, *args: str) -> dict:
     env = dict(os.environ)
     if EXTRA.is_dir():
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(EXTRA), env.get("PYTHONPATH")]))
-    res = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=env, timeout=300)
+    res = subprocess.run([sys.executable, "-c", PRELUDE + script, *args], capture_output=True, text=True, env=env,
+                         timeout=300)
     line = next((ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")), None)
     assert line, res.stderr[-3000:]
     return json.loads(line.removeprefix("RESULT "))
@@ -95,12 +104,10 @@ def test_fp8_all_gather_with_a_rowwise_recipe_is_refused():
 # and without op-level AC; counts the fp8 casts of the linear's input (and of its weight) made during the backward.
 SAVED = r"""
 import json, torch
-from unittest import mock
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from fluxtrain.config import ParallelConfig
 from fluxtrain.parallel.activation_checkpoint import apply_ac
-from fluxtrain.parallel.fp8 import apply_fp8
 
 FP8, aten = (torch.float8_e4m3fn, torch.float8_e5m2), torch.ops.aten
 
@@ -131,9 +138,7 @@ def run(recipe, ac):
     torch.manual_seed(0)
     model = nn.Module()
     model.transformer_blocks, model.single_transformer_blocks = nn.ModuleList([Block()]), nn.ModuleList()
-    with mock.patch("torch.cuda.is_available", return_value=True), \
-            mock.patch("torch.cuda.get_device_capability", return_value=(9, 0)):
-        n = apply_fp8(model, recipe)
+    n = convert(model, recipe)
     apply_ac(model, ParallelConfig(activation_checkpointing="selective" if ac else "none", ac_ops=True, fp8=True,
                                    fp8_recipe=recipe))
     model = model.to(torch.bfloat16)
@@ -172,14 +177,12 @@ def test_tensorwise_saved_reuses_the_forward_input_cast_with_the_same_gradients(
 # as the trainer does): the fp8 tensors the compiled blocks save for their backward.
 KEPT = r"""
 import contextlib, json, sys, torch
-from unittest import mock
 from torch.utils._python_dispatch import TorchDispatchMode
 from fluxtrain import flow
 from fluxtrain.config import ParallelConfig
 from fluxtrain.models.flux import build_transformer
 from fluxtrain.parallel.activation_checkpoint import apply_ac
 from fluxtrain.parallel.compile import apply_compile
-from fluxtrain.parallel.fp8 import apply_fp8
 
 kw, batch, lat, text = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 compiled = sys.argv[5] == "1"
@@ -199,9 +202,7 @@ class Kept(TorchDispatchMode):
 
 torch.manual_seed(0)
 model = build_transformer(kw, device="cpu")
-with mock.patch("torch.cuda.is_available", return_value=True), \
-        mock.patch("torch.cuda.get_device_capability", return_value=(9, 0)):
-    n = apply_fp8(model, "tensorwise_saved")
+n = convert(model, "tensorwise_saved")
 apply_ac(model, ParallelConfig(activation_checkpointing="selective", ac_ops=True, fp8=True,
                                fp8_recipe="tensorwise_saved"))
 model = model.to(torch.bfloat16)
