@@ -42,6 +42,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PY = [sys.executable, "-m", "fluxtrain"]
 PROMPTS = ROOT / "fluxtrain" / "eval" / "prompts"
+BASE_ROW = "base"  # with --base: the starting point's own score, a row of the table ("base, not fine-tuned")
 ARMS = {  # arm → (data set, ITC weight)
     "baseline": ("simple_noisy", 0.0),
     "clean": ("simple_clean", 0.0),
@@ -238,8 +239,7 @@ def main() -> int:
                     help="ablation.json files of calls that ran different arms: write their joint table and stop")
     a = ap.parse_args()
     if a.merge:
-        parts = [json.loads(Path(f).read_text()) for f in a.merge]
-        joint = {**parts[0], "rows": [r for p in parts for r in p["rows"]], "merged": a.merge}
+        joint = merge([json.loads(Path(f).read_text()) for f in a.merge], a.merge)
         Path(a.out).mkdir(parents=True, exist_ok=True)
         (Path(a.out) / "ablation.json").write_text(json.dumps(joint, indent=1))
         (Path(a.out) / "ablation.md").write_text(table(joint))
@@ -301,6 +301,10 @@ def main() -> int:
                                        ["--true-cfg", str(a.true_cfg), "--steps", str(a.eval_steps)]),
                               gpu_env(i, gpus),
                               work / f"eval-{arm}-s{seed}-e{es}.log"))
+    if a.base:  # the starting point's own score (at its run's text length, resolution and guidance: fluxtrain.json)
+        evals += [(eval_cmd(Path(a.base), es, work / "evals" / f"{BASE_ROW}-e{es}.json",
+                            ["--true-cfg", str(a.true_cfg), "--steps", str(a.eval_steps)]),
+                   gpu_env(len(runs), gpus), work / f"eval-{BASE_ROW}-e{es}.log") for es in a.eval_seeds]
     (work / "evals").mkdir(exist_ok=True)
     run_all(evals)
 
@@ -310,12 +314,10 @@ def main() -> int:
         ms = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] if (run / "metrics.jsonl").is_file() else []
         steps = max((m.get("step", 0) for m in ms if "loss" in m), default=0)
         loss = next((m["loss"] for m in reversed(ms) if "loss" in m), None)
-        scores = [json.loads(p.read_text()) for p in sorted((work / "evals").glob(f"{arm}-s{seed}-e*.json"))]
-        cx = [s["per_split"]["complex"]["pass"] for s in scores]
-        sp = [s["per_split"]["simple"]["pass"] for s in scores]
-        rows.append(dict(arm=arm, seed=seed, steps=steps, train_s=walls[i], loss=loss,
-                         complex=statistics.mean(cx) if cx else None, simple=statistics.mean(sp) if sp else None,
-                         n_complex=sum(s["per_split"]["complex"]["n"] for s in scores)))
+        rows.append(score_row(arm, seed, steps, walls[i], loss, work / "evals"))
+        print(json.dumps(rows[-1]), flush=True)
+    if a.base:
+        rows.append(score_row(BASE_ROW, "-", 0, 0.0, None, work / "evals"))
         print(json.dumps(rows[-1]), flush=True)
     result = dict(args={k: v for k, v in vars(a).items()}, cleaning=cleaning, data_s=data_s, gpus=gpus, rows=rows,
                   card=torch.cuda.get_device_name(0) if gpus else "CPU")
@@ -323,6 +325,28 @@ def main() -> int:
     (out / "ablation.md").write_text(table(result))
     print(table(result))
     return 0
+
+
+def score_row(arm: str, seed, steps: int, train_s: float, loss, evals: Path) -> dict:
+    """One table row: the run's (or with seed "-", the base's) scores, averaged over its eval seeds."""
+    stem = f"{arm}-s{seed}" if seed != "-" else arm
+    scores = [json.loads(p.read_text()) for p in sorted(evals.glob(f"{stem}-e*.json"))]
+    cx = [s["per_split"]["complex"]["pass"] for s in scores]
+    sp = [s["per_split"]["simple"]["pass"] for s in scores]
+    return dict(arm=arm, seed=seed, steps=steps, train_s=train_s, loss=loss,
+                complex=statistics.mean(cx) if cx else None, simple=statistics.mean(sp) if sp else None,
+                n_complex=sum(s["per_split"]["complex"]["n"] for s in scores))
+
+
+def merge(parts: list[dict], names: list[str]) -> dict:
+    """The joint result of calls that ran different arms or seeds; the base they all started from scored once."""
+    rows = [r for p in parts for r in p["rows"] if r["arm"] != BASE_ROW]
+    base = next((r for p in parts for r in p["rows"] if r["arm"] == BASE_ROW), None)
+    bases = {p["args"].get("base") for p in parts}
+    if len(bases) > 1:
+        raise SystemExit(f"--merge: the calls started from different bases ({sorted(map(str, bases))}): their arms "
+                         "are not comparable in one table")
+    return {**parts[0], "rows": rows + ([base] if base else []), "merged": names}
 
 
 def table(r: dict) -> str:
@@ -344,7 +368,8 @@ def table(r: dict) -> str:
         m, h = statistics.mean(cx), (max(cx) - min(cx)) / 2
         mins = "/".join(f"{(x['train_s'] or 0) / 60:.1f}" for x in rs)
         gain = f"{100 * (m - base_m):+.1f} pts" if base_m is not None and arm != "baseline" else "—"
-        lines.append(f"| {arm} | {','.join(str(x['seed']) for x in rs)} | {'/'.join(str(x['steps']) for x in rs)} "
+        label = "base, not fine-tuned" if arm == BASE_ROW else arm
+        lines.append(f"| {label} | {','.join(str(x['seed']) for x in rs)} | {'/'.join(str(x['steps']) for x in rs)} "
                      f"| {mins} "
                      f"| {' / '.join(f'{100 * c:.1f}%' for c in cx)} | {100 * m:.1f}% ± {100 * h:.1f} | {gain} "
                      f"| {100 * statistics.mean(sp):.1f}% |")

@@ -30,9 +30,10 @@ a, b = f($STAGE-1), f($STAGE); print(${LR:-1e-3}*a, b/a) if not ${RESTART:-0} el
 # a warm machine's last stage: its weights, runs and scores (its data folders are keyed by their seed: kept)
 rm -rf /tmp/warm
 if [ "${FROM:-}" = warm ]; then  # the last call's export, still on this machine if it stayed warm
-  if [ "$(cat /tmp/warm-out/.stage 2>/dev/null)" != "$((STAGE - 1)) $PRESET $RES" ]; then
-    echo "FROM=warm: /tmp/warm-out holds '$(cat /tmp/warm-out/.stage 2>/dev/null)' (stage preset px), stage $STAGE" \
-      "needs '$((STAGE - 1)) $PRESET $RES': the machine was given back since that call; rerun from stage 1" >&2; exit 2
+  if [ "$(cat /tmp/warm-out/.stage 2>/dev/null)" != "$((STAGE - 1)) $PRESET $RES ${DATA:-complex_clean}" ]; then
+    echo "FROM=warm: /tmp/warm-out holds '$(cat /tmp/warm-out/.stage 2>/dev/null)' (stage preset px data), stage $STAGE" \
+      "needs '$((STAGE - 1)) $PRESET $RES ${DATA:-complex_clean}': the same PRESET, RES and DATA as that call, or the" \
+      "machine was given back since it (rerun from stage 1)" >&2; exit 2
   fi
   mv /tmp/warm-out /tmp/warm && rm /tmp/warm/.stage
 fi
@@ -80,7 +81,8 @@ python3 -m fluxtrain export --checkpoint "$CK" --format diffusers --out /tmp/war
 # parts back only where they fit beside the 4 other files a call returns (8 at most); FROM=warm reads the folder
 if [ "$(du -sm /tmp/warm-out | cut -f1)" -le 60 ]; then tar cf - -C /tmp/warm-out . | split -b 15M -d - "$OUT/warm.tar."
 else echo "the export ($(du -sh /tmp/warm-out | cut -f1)) stays on this machine: the next stage needs FROM=warm"; fi
-echo "$STAGE $PRESET $RES" > /tmp/warm-out/.stage
+# the stage, its shape and data: a chain keeps all three (gpu_ablation7.sh fine-tunes a base of simple_clean only)
+echo "$STAGE $PRESET $RES ${DATA:-complex_clean}" > /tmp/warm-out/.stage
 cd /tmp/sweep && tar czf "$OUT/logs.tgz" train-*.log runs/*/metrics.jsonl runs/*/config.toml evals/*.json \
   evals/*failures*.png curve/*.json 2>/dev/null
 # one failure grid beside the parts: a call returns 8 files (the twelfth session's stage 3 had 3 grids, and its last

@@ -184,6 +184,10 @@ def export(ckpt: str | Path, fmt: str, out: str | Path, dtype: str = "bf16", thr
         convert = bfl.diffusers_to_bfl
     with writer:
         _stream(read, convert, writer, _groups(plan), threads)
+    if fmt == "diffusers":  # the run's text length, resolution and guidance: `fluxtrain sample`/`eval` default to them
+        from fluxtrain.sample import TrainedFor
+
+        TrainedFor.of_run(cfg).write(out)
     return target
 
 

@@ -2,22 +2,55 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from fluxtrain import config as C
 
+TRAINED_FOR = "fluxtrain.json"  # beside an export's model_index.json: what its run trained and sampled with
+
+
+@dataclass(frozen=True)
+class TrainedFor:
+    """Sampling defaults of a model: its run's (a checkpoint's config, or the file `fluxtrain export` writes beside
+    model_index.json), else FLUX.1-dev's. The text length matters most: FLUX attends to every padded T5 token, so a
+    model trained on 24 tokens sampled with 512 sees 488 tokens it never trained with (and takes ~13× the time)."""
+    max_text_tokens: int = 512
+    resolution: int | None = None  # None: from the VAE (64 for a ×4 one, else 512)
+    steps: int = 20
+    guidance: float = 3.5
+    true_cfg: float = 1.0
+
+    @classmethod
+    def of_run(cls, cfg: C.Config) -> "TrainedFor":
+        return cls(cfg.model.max_text_tokens, cfg.data.resolution, cfg.eval.num_inference_steps, cfg.model.guidance,
+                   cfg.eval.true_cfg_scale)
+
+    @classmethod
+    def of_folder(cls, folder: Path) -> "TrainedFor":
+        f = folder / TRAINED_FOR
+        if not f.is_file():
+            return cls()
+        raw = json.loads(f.read_text())
+        names = {x.name for x in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in names})
+
+    def write(self, folder: Path) -> None:
+        (folder / TRAINED_FOR).write_text(json.dumps(dataclasses.asdict(self), indent=1) + "\n")
+
 
 def load_for_inference(model_path: str | Path, device: torch.device):
-    """(transformer, text encoders, vae, run config or None) from a diffusers folder or a checkpoint (a folder or an
-    fsspec URL such as s3://…)."""
+    """(transformer, text encoders, vae, TrainedFor) from a diffusers folder or a checkpoint (a folder or an fsspec
+    URL such as s3://…)."""
     from fluxtrain.checkpoint import is_url
     from fluxtrain.models.encoders import Autoencoder, TextEncoders
     from fluxtrain.models.flux import build_transformer, iter_pretrained_state, load_state_into, pretrained_kwargs
 
     p = Path(model_path)  # only looked at for local paths: Path folds a URL's `s3://` into `s3:/`
-    cfg = None
     if not is_url(model_path) and ((p / "model_index.json").is_file() or p.suffix == ".safetensors"):
         kw = pretrained_kwargs(p) if p.is_dir() else None
         if kw is None:
@@ -25,14 +58,18 @@ def load_for_inference(model_path: str | Path, device: torch.device):
         folder = p
         model = build_transformer(kw, device="cpu")
         load_state_into(model, iter_pretrained_state(p, kw["num_attention_heads"] * kw["attention_head_dim"]))
+        trained = TrainedFor.of_folder(p if p.is_dir() else p.parent)
     else:
         from fluxtrain.export import load_checkpoint_model
 
         model, cfg, folder = load_checkpoint_model(model_path)
+        trained = TrainedFor.of_run(cfg)
     dev_dtype = torch.float32
-    text = TextEncoders(folder, max_tokens=cfg.model.max_text_tokens if cfg else 512, dtype=dev_dtype).to(device)
+    text = TextEncoders(folder, max_tokens=trained.max_text_tokens, dtype=dev_dtype).to(device)
     vae = Autoencoder(folder, dtype=dev_dtype).to(device)
-    return model.to(device).eval(), text, vae, cfg
+    if trained.resolution is None:
+        trained = dataclasses.replace(trained, resolution=64 if vae.downsample <= 4 else 512)
+    return model.to(device).eval(), text, vae, trained
 
 
 def sample_to_dir(model_path, prompts: list[str], out: str | Path, resolution: int | None = None, steps: int = 20,
@@ -40,9 +77,9 @@ def sample_to_dir(model_path, prompts: list[str], out: str | Path, resolution: i
     from fluxtrain.eval.grid import generate, save_grid
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, text, vae, cfg = load_for_inference(model_path, device)
-    res = resolution or (cfg.data.resolution if cfg else 64)
-    g = guidance if guidance is not None else (cfg.model.guidance if cfg else 3.5)
+    model, text, vae, trained = load_for_inference(model_path, device)
+    res = resolution or trained.resolution
+    g = guidance if guidance is not None else trained.guidance
     images = generate(model, text, vae, prompts, res, steps=steps,
                       guidance=g if model.config.guidance_embeds else None, seed=seed)
     out = Path(out)

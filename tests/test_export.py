@@ -19,10 +19,10 @@ pytestmark = [pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
               pytest.mark.filterwarnings("ignore:`torch_dtype` is deprecated")]
 
 
-def _run(tmp: Path, kw: dict, state: dict, preset: str | None = None) -> Path:
+def _run(tmp: Path, kw: dict, state: dict, preset: str | None = None, extra: tuple = ()) -> Path:
     """A run dir whose checkpoint holds `state` as the trainer saves it ("model." keys). A shape that is no preset
     is given as a pretrained folder's config with `model.load_transformer = false`, as a user would."""
-    over = ["--train.output_dir", str(tmp / "run")]
+    over = ["--train.output_dir", str(tmp / "run"), *extra]
     if preset:
         over += ["--model.preset", preset]
     else:
@@ -125,3 +125,29 @@ def test_ema_runs_export_the_ema_weights_from_the_config_inside_the_checkpoint(t
            ckpt / "config.toml")
     got = _tensors(export(ckpt, "diffusers", tmp_path / "raw", dtype="fp32") / "transformer")
     assert all(torch.equal(got[k], raw[k]) for k in raw)
+
+
+def test_an_export_samples_as_its_checkpoint(tmp_path):
+    """An export keeps what its run trained with (text length, resolution, guidance, steps, CFG), so sampling it
+    gives the checkpoint's images. Before, an export was sampled with 512 T5 tokens whatever its run trained on, and
+    FLUX attends to every padded token."""
+    from fluxtrain.eval.grid import generate
+    from fluxtrain.sample import TrainedFor, load_for_inference
+
+    kw = transformer_kwargs("tiny")
+    model = build_transformer(kw, "cpu")
+    torch.manual_seed(0)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    run = ("--model.max_text_tokens", "24", "--data.resolution", "32", "--model.guidance", "2.0",
+           "--eval.num_inference_steps", "3", "--eval.true_cfg_scale", "1.5")
+    ckpt = _run(tmp_path, kw, model.state_dict(), preset="tiny", extra=run)
+    out = export(ckpt, "diffusers", tmp_path / "d", "fp32")
+    loaded = [load_for_inference(x, torch.device("cpu")) for x in (ckpt, out)]
+    assert loaded[0][3] == loaded[1][3] == TrainedFor(24, 32, 3, 2.0, 1.5)
+    assert loaded[1][1]("a red circle")[0].shape[1] == 24  # the export's T5 sequence: the run's length, not 512
+    images = [generate(m, t, v, ["a red circle", "two blue squares"], tf.resolution, steps=tf.steps,
+                       guidance=tf.guidance, seed=0, true_cfg=tf.true_cfg) for m, t, v, tf in loaded]
+    assert all(a.size == (32, 32) and a.tobytes() == b.tobytes() for a, b in zip(*images))
+    (out / "fluxtrain.json").unlink()  # a folder from elsewhere (FLUX.1-dev): FLUX.1-dev's defaults
+    assert load_for_inference(out, torch.device("cpu"))[3] == TrainedFor(512, 64, 20, 3.5, 1.0)

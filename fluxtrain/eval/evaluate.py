@@ -298,12 +298,12 @@ def main(argv: list[str] | None = None) -> int:
     from fluxtrain.sample import load_for_inference
 
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, text, vae, cfg = load_for_inference(a.model, device)
-    res = a.resolution or (cfg.data.resolution if cfg else (64 if vae.downsample <= 4 else 512))
-    steps = a.steps or (cfg.eval.num_inference_steps if cfg else 20)
-    g = a.guidance if a.guidance is not None else (cfg.model.guidance if cfg else 3.5)
+    model, text, vae, trained = load_for_inference(a.model, device)
+    res = a.resolution or trained.resolution
+    steps = a.steps or trained.steps
+    g = a.guidance if a.guidance is not None else trained.guidance
     guidance = g if model.config.guidance_embeds else None
-    true_cfg = a.true_cfg if a.true_cfg is not None else (cfg.eval.true_cfg_scale if cfg else 1.0)
+    true_cfg = a.true_cfg if a.true_cfg is not None else trained.true_cfg
     images = generate_batched(model, text, vae, prompts, res, steps, guidance, a.seed, a.batch, true_cfg,
                               tuple(a.cfg_interval) if a.cfg_interval else None)
     summary, results = score_pairs(images, prompts)
@@ -311,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {**summary, "train_overlap": overlap, "train_overlap_basis": basis, "n_prompts": len(prompts),
               "clip_score": None, "model": str(a.model), "prompt_files": [str(f) for f in files],
               "steps": steps, "resolution": res, "guidance": guidance, "true_cfg": true_cfg,
+              "max_text_tokens": trained.max_text_tokens,
               "cfg_interval": a.cfg_interval, "seed": a.seed, "limit": a.limit}
     if a.clip:
         report["clip_score"] = clip_score(a.clip, images, prompts, device)

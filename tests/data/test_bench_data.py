@@ -34,3 +34,25 @@ def test_ablation_refuses_a_base_that_is_not_an_export(tmp_path):
                          timeout=120)
     assert res.returncode == 1 and "not an exported diffusers folder" in res.stderr, res.stderr[-2000:]
     assert not (tmp_path / "w" / "simple_noisy").exists()
+
+
+def test_a_base_is_scored_once_in_a_merged_table(tmp_path):
+    """With --base the base's own score is a row; two calls (one seed each) from the same base merge into one table
+    with every arm's seeds and one base row; calls from different bases refuse to merge."""
+    import json
+
+    aa = load_ablation()
+    (tmp_path / "evals").mkdir()
+    for stem, cx in (("base-e0", 0.25), ("base-e1", 0.35), ("all-s0-e0", 0.8), ("all-s1-e0", 0.9)):
+        (tmp_path / "evals" / f"{stem}.json").write_text(json.dumps(
+            {"per_split": {"complex": {"pass": cx, "n": 64}, "simple": {"pass": 0.9, "n": 64}}}))
+    base = aa.score_row(aa.BASE_ROW, "-", 0, 0.0, None, tmp_path / "evals")
+    assert base["complex"] == pytest.approx(0.30) and base["n_complex"] == 128  # both eval seeds, no arm's file
+    call = lambda seed: {"args": {"base": "/b"}, "rows": [  # noqa: E731
+        aa.score_row("all", seed, 1000, 290.0, 0.1, tmp_path / "evals"), base]}
+    joint = aa.merge([call(0), call(1)], ["a.json", "b.json"])
+    assert [(r["arm"], r["seed"]) for r in joint["rows"]] == [("all", 0), ("all", 1), (aa.BASE_ROW, "-")]
+    md = aa.table(joint)
+    assert "| all | 0,1 | 1000/1000 |" in md and "| base, not fine-tuned | - | 0 |" in md and "85.0% ± 5.0" in md
+    with pytest.raises(SystemExit, match="different bases"):
+        aa.merge([call(0), {**call(1), "args": {"base": "/other"}}], ["a.json", "b.json"])
