@@ -35,8 +35,14 @@ class TrainedFor:
         f = folder / TRAINED_FOR
         if not f.is_file():
             return cls()
-        raw = json.loads(f.read_text())
         names = {x.name for x in dataclasses.fields(cls)}
+        try:
+            raw = json.loads(f.read_text())
+            bad = [k for k in names if k in raw and not isinstance(raw[k], (int, float, type(None)))]
+            if not isinstance(raw, dict) or bad:
+                raise ValueError(f"not numbers: {bad}" if bad else "not a JSON object")
+        except ValueError as err:  # json.JSONDecodeError is one
+            raise C.ConfigError(f"{f}: {err}; fix it, or delete it to sample with FLUX.1-dev's defaults") from None
         return cls(**{k: v for k, v in raw.items() if k in names})
 
     def write(self, folder: Path) -> None:
@@ -58,7 +64,7 @@ def load_for_inference(model_path: str | Path, device: torch.device):
         folder = p
         model = build_transformer(kw, device="cpu")
         load_state_into(model, iter_pretrained_state(p, kw["num_attention_heads"] * kw["attention_head_dim"]))
-        trained = TrainedFor.of_folder(p if p.is_dir() else p.parent)
+        trained = TrainedFor.of_folder(p)
     else:
         from fluxtrain.export import load_checkpoint_model
 

@@ -149,5 +149,8 @@ def test_an_export_samples_as_its_checkpoint(tmp_path):
     images = [generate(m, t, v, ["a red circle", "two blue squares"], tf.resolution, steps=tf.steps,
                        guidance=tf.guidance, seed=0, true_cfg=tf.true_cfg) for m, t, v, tf in loaded]
     assert all(a.size == (32, 32) and a.tobytes() == b.tobytes() for a, b in zip(*images))
+    (out / "fluxtrain.json").write_text('{"max_text_tokens": "24"')  # broken by hand: a one-line error
+    with pytest.raises(C.ConfigError, match="fluxtrain.json: .*delete it to sample with FLUX.1-dev's defaults"):
+        load_for_inference(out, torch.device("cpu"))
     (out / "fluxtrain.json").unlink()  # a folder from elsewhere (FLUX.1-dev): FLUX.1-dev's defaults
     assert load_for_inference(out, torch.device("cpu"))[3] == TrainedFor(512, 64, 20, 3.5, 1.0)
