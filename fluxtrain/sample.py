@@ -49,6 +49,21 @@ class TrainedFor:
         (folder / TRAINED_FOR).write_text(json.dumps(dataclasses.asdict(self), indent=1) + "\n")
 
 
+def text_length_warning(cfg: C.Config) -> str | None:
+    """A line for the log when model.pretrained is an export whose run trained at another T5 length than this run
+    pads to; None otherwise. FLUX attends to every padded token: an export of a 24-token run sampled at 512 passed
+    0 of 16 prompts (62.5% at 24; bench/RESULTS.md, fifteenth session)."""
+    folder = Path(cfg.model.pretrained) if cfg.model.pretrained and "://" not in cfg.model.pretrained else None
+    if folder is None or not (folder / TRAINED_FOR).is_file():
+        return None
+    was = TrainedFor.of_folder(folder).max_text_tokens
+    if was == cfg.model.max_text_tokens:
+        return None
+    return (f"model.pretrained {folder} was trained with {was} T5 tokens ({TRAINED_FOR}) and this run pads to "
+            f"{cfg.model.max_text_tokens}: it starts from text it never saw; set model.max_text_tokens = {was} to "
+            "continue it as trained")
+
+
 def load_for_inference(model_path: str | Path, device: torch.device):
     """(transformer, text encoders, vae, TrainedFor) from a diffusers folder or a checkpoint (a folder or an fsspec
     URL such as s3://…)."""

@@ -23,6 +23,7 @@ from fluxtrain.parallel import mesh as pmesh
 from fluxtrain.parallel.attention import resolve_backend
 from fluxtrain.profiler import StepProfiler
 from fluxtrain.progress import Progress
+from fluxtrain.sample import text_length_warning
 
 
 class NonFiniteError(RuntimeError):
@@ -231,6 +232,8 @@ def _train(cfg: C.Config, D: pmesh.Dist, run_dir: Path, log) -> dict:
              f"(optimizer moments only: {cfg.parallel.optimizer_offload}) "
              f"({threads} CPU threads), attention "
              f"{resolve_backend(cfg.model.attention_backend, D.device.type, cfg.parallel.mixed_precision)}")
+    if D.is_main and (warning := text_length_warning(cfg)):
+        log.warning(warning)
     model = build_training_model(cfg, D.mesh, D.device)
     opt = build_optimizer(model.parameters(), cfg.optim, model if cfg.parallel.optimizer_offload else None, cfg.parallel)
     sched = build_scheduler(opt, tc.steps, cfg.optim)

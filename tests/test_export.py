@@ -154,3 +154,21 @@ def test_an_export_samples_as_its_checkpoint(tmp_path):
         load_for_inference(out, torch.device("cpu"))
     (out / "fluxtrain.json").unlink()  # a folder from elsewhere (FLUX.1-dev): FLUX.1-dev's defaults
     assert load_for_inference(out, torch.device("cpu"))[3] == TrainedFor(512, 64, 20, 3.5, 1.0)
+
+
+def test_fine_tuning_an_export_at_another_text_length_is_logged(tmp_path):
+    """Training from an export whose run used another T5 length names both lengths and the setting that continues it
+    as trained; the same length, or a folder without fluxtrain.json (FLUX.1-dev's), says nothing."""
+    import shutil
+
+    from fluxtrain.models.tiny import tiny_folder
+    from fluxtrain.sample import TrainedFor, text_length_warning
+
+    shutil.copytree(tiny_folder(), tmp_path / "export")
+    TrainedFor(24, 64).write(tmp_path / "export")
+    at = lambda n: C.load(None, ["--model.pretrained", str(tmp_path / "export"), "--model.max_text_tokens", n])  # noqa: E731
+    line = text_length_warning(at("512"))
+    assert "trained with 24 T5 tokens" in line and "pads to 512" in line and "model.max_text_tokens = 24" in line
+    assert text_length_warning(at("24")) is None
+    (tmp_path / "export" / "fluxtrain.json").unlink()
+    assert text_length_warning(at("512")) is None
