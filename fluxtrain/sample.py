@@ -38,9 +38,11 @@ class TrainedFor:
         names = {x.name for x in dataclasses.fields(cls)}
         try:
             raw = json.loads(f.read_text())
+            if not isinstance(raw, dict):  # (a bare number or string has no keys to look up)
+                raise ValueError("not a JSON object")
             bad = [k for k in names if k in raw and not isinstance(raw[k], (int, float, type(None)))]
-            if not isinstance(raw, dict) or bad:
-                raise ValueError(f"not numbers: {bad}" if bad else "not a JSON object")
+            if bad:
+                raise ValueError(f"not numbers: {bad}")
         except ValueError as err:  # json.JSONDecodeError is one
             raise C.ConfigError(f"{f}: {err}; fix it, or delete it to sample with FLUX.1-dev's defaults") from None
         return cls(**{k: v for k, v in raw.items() if k in names})
@@ -53,7 +55,9 @@ def text_length_warning(cfg: C.Config) -> str | None:
     """A line for the log when model.pretrained is an export whose run trained at another T5 length than this run
     pads to; None otherwise. FLUX attends to every padded token: an export of a 24-token run sampled at 512 passed
     0 of 16 prompts (62.5% at 24; bench/RESULTS.md, fifteenth session)."""
-    folder = Path(cfg.model.pretrained) if cfg.model.pretrained and "://" not in cfg.model.pretrained else None
+    from fluxtrain.checkpoint import is_url
+
+    folder = Path(cfg.model.pretrained) if cfg.model.pretrained and not is_url(cfg.model.pretrained) else None
     if folder is None or not (folder / TRAINED_FOR).is_file():
         return None
     was = TrainedFor.of_folder(folder).max_text_tokens
