@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -186,6 +187,15 @@ def train_args(a, path: Path, run: Path, seed: int, itc: float | None, compile_:
     return ov
 
 
+def fresh_runs(work: Path, runs: list[tuple[str, int]]) -> int:
+    """Removes what an earlier call left of these (arm, seed) runs in `work`, and returns how many: `train` would
+    resume each from its checkpoint (checkpoint.resume = auto), and the score would read its last step."""
+    stale = [work / "runs" / f"{arm}-s{seed}" for arm, seed in runs if (work / "runs" / f"{arm}-s{seed}").exists()]
+    for run in stale:
+        shutil.rmtree(run)
+    return len(stale)
+
+
 def eval_cmd(ckpt: Path, seed: int, out: Path, extra: list[str]) -> list[str]:
     """`fluxtrain eval` of a checkpoint on the held-out complex and simple prompts, with extra options."""
     return PY + ["eval", "--model", str(ckpt), "--prompts", str(PROMPTS / "complex.txt"), "--prompts",
@@ -280,6 +290,8 @@ def main() -> int:
         return 0
 
     runs = [(arm, seed) for arm in a.arms for seed in a.seeds]
+    if stale := fresh_runs(work, runs):
+        print(f"removed {stale} runs an earlier call left in {work / 'runs'}: every run starts fresh", flush=True)
     cmds = []
     for i, (arm, seed) in enumerate(runs):
         data, itc = ARMS[arm]

@@ -4,6 +4,8 @@
 # once), the five arms of one seed at once on the GPU, ≤ 5 minutes each, scored beside the base's own score.
 #   the base (clean simple prompts only):  DATA=simple_clean RESTART=1 STAGES=1 STAGE=1 bash bench/gpu_chain.sh
 #   then:                                  SEED=0 bash bench/gpu_ablation7.sh;  then SEED=1 bash bench/gpu_ablation7.sh
+#   (on 4 GPUs, one call: SEED="0 1" bash bench/gpu_ablation7.sh, the ten runs round-robin over the GPUs: sixteenth
+#   session, 276 s; a second call on the warm machine starts every run afresh: adherence_ablation.fresh_runs)
 #   here, the joint table:  python bench/adherence_ablation.py --merge /work/.device/N/ablation.json \
 #                             /work/.device/M/ablation.json --out /tmp/v7
 # All calls carry [".whl"]. The second call reuses the first one's data sets and caches (the same /tmp/abl7).

@@ -56,3 +56,14 @@ def test_a_base_is_scored_once_in_a_merged_table(tmp_path):
     assert "| all | 0,1 | 1000/1000 |" in md and "| base, not fine-tuned | - | 0 |" in md and "85.0% ± 5.0" in md
     with pytest.raises(SystemExit, match="different bases"):
         aa.merge([call(0), {**call(1), "args": {"base": "/other"}}], ["a.json", "b.json"])
+
+
+def test_a_second_call_starts_its_runs_fresh(tmp_path):
+    """Runs an earlier call left in the work folder are removed (the sixteenth session's second v7 call would have
+    resumed them at their last checkpoint, checkpoint.resume = auto); others' runs stay."""
+    aa = load_ablation()
+    old = tmp_path / "runs" / "all-s0" / "checkpoints" / "step-00001000"
+    old.mkdir(parents=True)
+    (tmp_path / "runs" / "all-s5").mkdir()
+    assert aa.fresh_runs(tmp_path, [("all", 0), ("all", 1), ("clean", 0)]) == 1
+    assert not (tmp_path / "runs" / "all-s0").exists() and (tmp_path / "runs" / "all-s5").exists()
