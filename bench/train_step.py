@@ -18,7 +18,6 @@ import argparse
 import datetime
 import gc
 import json
-import os
 import resource
 import statistics
 import subprocess
@@ -163,15 +162,26 @@ def run_variant(D, args, spec: dict) -> dict:
     # an offloaded optimizer's copies (parallel.optimizer_offload) may run on into the next step's forward, as in training
     sync = (lambda: torch.cuda.current_stream().synchronize()) if cuda else (lambda: None)
     if cuda:
+        # The earlier variant's weights (its fp32 shards: 11.1 GiB per GPU at 12B on 4) stayed counted as allocated
+        # in blocks the snapshot calls inactive, through the cleanup at its end, until this variant's first
+        # allocations; a synchronize, then gc and empty_cache, here returns them (1 H200, sixteenth session: 4.9 GiB
+        # → 0.06)
         torch.cuda.synchronize()
+        gc.collect()
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    # what an earlier variant of the launch left allocated (the caveat in bench/RESULTS.md, seventh session: up to
-    # its weights and ring, not found yet): subtracted, so `peak_gib` is this variant's own; `peak_raw_gib` is not
+    # what an earlier variant of the launch still leaves allocated (none expected after the above): subtracted, so
+    # `peak_gib` is this variant's own; `peak_raw_gib` is not
     left_gib = torch.cuda.memory_allocated() / 2**30 if cuda else 0.0
     if D.is_main and left_gib > 0.5:  # who holds it, if Python does (none listed: a holder outside Python's reach)
         print(f"variant {spec}: {left_gib:.1f} GiB left allocated by the last one; the largest tensors Python reaches:\n"
               + "\n".join(live_tensors("cuda", 2**26)), flush=True)
         if args.memory_history:
+            states: dict[str, int] = {}
+            for seg in torch.cuda.memory._snapshot().get("segments", []):
+                for blk in seg.get("blocks", []):
+                    states[blk.get("state")] = states.get(blk.get("state"), 0) + blk.get("size", 0)
+            print("leftover by block state (GiB): " + ", ".join(f"{k} {v / 2**30:.2f}" for k, v in states.items()), flush=True)
             try:
                 print("where the leftover was allocated:\n" + "\n".join(leftover_stacks()), flush=True)
             except Exception as err:  # a diagnostic: never the end of the run
