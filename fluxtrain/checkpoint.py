@@ -197,6 +197,26 @@ def complete_checkpoints(root: Path | str) -> list[Path | str]:
     return [fs.unstrip_protocol(p) if is_url(root) else Path(p) for p in done]
 
 
+def set_aside_earlier(run_dir: str | Path, ckpt_dir: str = "", is_main: bool = True) -> tuple[int, Path] | None:
+    """A fresh start (checkpoint.resume = never) where an earlier run left checkpoints: the main rank moves their
+    folder to <folder>.earlier-<UTC time>, nothing deleted, and says how many went where. Left in place, the two
+    runs' steps mix: retention keeps the highest steps (keep = 1 kept an earlier run's step 2000 and deleted this
+    run's step 1000), and a later resume = auto takes the highest. A URL can't be renamed cheaply: an error."""
+    root = checkpoint_root(run_dir, ckpt_dir)
+    done = complete_checkpoints(root)
+    if not done:
+        return None
+    latest = posixpath.basename(str(done[-1]).rstrip("/"))
+    if is_url(root):
+        raise CheckpointError(f"{root} holds {len(done)} checkpoints of an earlier run (latest {latest}); a fresh start "
+                              "(checkpoint.resume = never) would mix this run's with them: set another checkpoint.dir, "
+                              "delete them, or continue them with checkpoint.resume = auto")
+    dest = root.with_name(f"{root.name}.earlier-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+    if is_main:
+        root.rename(dest)
+    return len(done), dest
+
+
 def find_resume(run_dir: str | Path, resume: str, ckpt_dir: str = "") -> Path | str | None:
     if resume == "never":
         return None

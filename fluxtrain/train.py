@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from fluxtrain import config as C
 from fluxtrain import flow, rng
-from fluxtrain.checkpoint import Checkpointer, find_resume
+from fluxtrain.checkpoint import Checkpointer, find_resume, set_aside_earlier
 from fluxtrain.data.loader import build_loader
 from fluxtrain.metrics import MetricsWriter, Throughput, flux_flops_per_sample, memory_stats, setup_logging
 from fluxtrain.models.setup import build_training_model, encoders_folder, model_kwargs
@@ -251,6 +251,11 @@ def _train(cfg: C.Config, D: pmesh.Dist, run_dir: Path, log) -> dict:
         itc = ITCObjective(model, D.mesh, model.config.pooled_projection_dim, tc.itc_weight, cfg.optim, tc.steps,
                            D.device)
     start, counters = 0, {"nonfinite_total": 0, "samples_seen": 0}
+    if cfg.checkpoint.resume == "never":  # this run's checkpoints alone in its folder (an earlier run's moved aside)
+        if (earlier := set_aside_earlier(run_dir, cfg.checkpoint.dir, D.is_main)) and D.is_main:
+            log.warning(f"checkpoint.resume = never: moved {earlier[0]} checkpoints of an earlier run to {earlier[1]}")
+        if dist.is_initialized():
+            dist.barrier()  # no rank writes a checkpoint folder before the main one has moved the old one
     resume = find_resume(run_dir, cfg.checkpoint.resume, cfg.checkpoint.dir)
     # a fresh start replaces an old metrics.jsonl; a resume appends to it
     metrics = MetricsWriter(run_dir, D.is_main, cfg.log.trackers, C.to_dict(cfg), cfg.log.wandb_project,

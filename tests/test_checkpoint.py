@@ -119,6 +119,33 @@ def test_interrupted_save_is_never_resumed(tmp_path):
         find_resume(tmp_path, str(ck / "step-00000020"))
 
 
+def test_a_fresh_start_moves_an_earlier_runs_checkpoints_aside(reference, tmp_path):
+    """resume = never in a folder holding another run's steps 10 and 20: that run's checkpoints are moved, not mixed.
+    Before, keep = 1 kept the earlier step 20 and deleted this run's step 10, and a later resume = auto took step 20."""
+    import shutil
+
+    shutil.copytree(reference / "checkpoints", tmp_path / "checkpoints")
+    res = torchrun(2, _train_args(tmp_path, ["--train.steps", "10", "--checkpoint.keep", "1",
+                                             "--checkpoint.resume", "never"]))
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert [p.name for p in complete_checkpoints(tmp_path / "checkpoints")] == ["step-00000010"]
+    (aside,) = tmp_path.glob("checkpoints.earlier-*")
+    assert [p.name for p in complete_checkpoints(aside)] == ["step-00000010", "step-00000020"]
+    assert f"moved 2 checkpoints of an earlier run to {aside}" in res.stderr
+    assert find_resume(tmp_path, "auto") == tmp_path / "checkpoints" / "step-00000010"
+
+
+def test_a_fresh_start_on_a_url_with_earlier_checkpoints_is_one_line(tmp_path):
+    from fluxtrain.checkpoint import CheckpointError, set_aside_earlier
+
+    (tmp_path / "ck" / "step-00000004").mkdir(parents=True)
+    (tmp_path / "ck" / "step-00000004" / "COMPLETE").write_text("4")
+    with pytest.raises(CheckpointError, match=r"holds 1 checkpoints of an earlier run \(latest step-00000004\).*"
+                                              "another checkpoint.dir"):
+        set_aside_earlier(tmp_path / "run", f"file://{tmp_path}/ck")
+    assert set_aside_earlier(tmp_path / "run") is None  # nothing there: nothing moved
+
+
 @pytest.mark.parametrize("nproc, batch", [(1, "4"), (4, "1")])
 def test_resume_on_another_world_size(reference, tmp_path, nproc, batch):
     import shutil
