@@ -188,9 +188,9 @@ def train_args(a, path: Path, run: Path, seed: int, itc: float | None, compile_:
 
 
 def fresh_runs(work: Path, runs: list[tuple[str, int]]) -> int:
-    """Removes what an earlier call left of these (arm, seed) runs in `work`, and returns how many. The runs start
-    fresh (checkpoint.resume = never), and the trainer moves an earlier run's checkpoints aside; before it did, an
-    earlier call's higher step outlived this call's (keep = 1) and was the one scored."""
+    """Removes what an earlier call left of these (arm, seed) runs in `work`, and returns how many. The trainer moves
+    an earlier run's checkpoints aside once it starts (checkpoint.resume = never); a run that fails before that would
+    otherwise be scored by the earlier call's checkpoint, as if it were this call's."""
     stale = [work / "runs" / f"{arm}-s{seed}" for arm, seed in runs if (work / "runs" / f"{arm}-s{seed}").exists()]
     for run in stale:
         shutil.rmtree(run)

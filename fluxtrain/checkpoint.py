@@ -206,8 +206,8 @@ def set_aside_earlier(run_dir: str | Path, ckpt_dir: str = "", is_main: bool = T
     done = complete_checkpoints(root)
     if not done:
         return None
-    latest = posixpath.basename(str(done[-1]).rstrip("/"))
     if is_url(root):
+        latest = posixpath.basename(str(done[-1]).rstrip("/"))
         raise CheckpointError(f"{root} holds {len(done)} checkpoints of an earlier run (latest {latest}); a fresh start "
                               "(checkpoint.resume = never) would mix this run's with them: set another checkpoint.dir, "
                               "delete them, or continue them with checkpoint.resume = auto")

@@ -254,8 +254,7 @@ def _train(cfg: C.Config, D: pmesh.Dist, run_dir: Path, log) -> dict:
     if cfg.checkpoint.resume == "never":  # this run's checkpoints alone in its folder (an earlier run's moved aside)
         if (earlier := set_aside_earlier(run_dir, cfg.checkpoint.dir, D.is_main)) and D.is_main:
             log.warning(f"checkpoint.resume = never: moved {earlier[0]} checkpoints of an earlier run to {earlier[1]}")
-        if dist.is_initialized():
-            dist.barrier()  # no rank writes a checkpoint folder before the main one has moved the old one
+        dist.barrier()  # no rank writes a checkpoint folder before the main one has moved the old one
     resume = find_resume(run_dir, cfg.checkpoint.resume, cfg.checkpoint.dir)
     # a fresh start replaces an old metrics.jsonl; a resume appends to it
     metrics = MetricsWriter(run_dir, D.is_main, cfg.log.trackers, C.to_dict(cfg), cfg.log.wandb_project,

@@ -53,11 +53,16 @@ BASE = ["--model.preset", "flux-dev", "--data.resolution", "1024", "--model.max_
         "--data.source", "cache", "--data.path", "x"]
 
 
+def planned_gib(ac: list[str], compiled: bool, batch: int, gpus: int) -> float:
+    """The planner's GiB per GPU for the 12B model with these overrides."""
+    cfg = C.load(None, BASE + ac + ["--train.compile", str(compiled).lower(), "--train.batch_size", str(batch)])
+    return predict(cfg, gpus=gpus).total_gib
+
+
 @pytest.mark.parametrize("gpus, ac, compiled, batch, measured", [(2, *r) for r in MEASURED] +
                          [(4, *r) for r in MEASURED_4])
 def test_prediction_within_10_percent_of_measured(gpus, ac, compiled, batch, measured):
-    cfg = C.load(None, BASE + ac + ["--train.compile", str(compiled).lower(), "--train.batch_size", str(batch)])
-    got = predict(cfg, gpus=gpus).total_gib
+    got = planned_gib(ac, compiled, batch, gpus)
     assert abs(got - measured) / measured <= 0.10, (got, measured)
 
 
@@ -108,9 +113,7 @@ def test_the_kept_fp8_inputs_are_what_the_gpu_kept():
 
 def test_the_kept_fp8_inputs_of_the_12b_model_are_what_the_gpus_kept():
     """The 12B increment alone (tensorwise_saved − tensorwise on 4 GPUs, batch 4: +18.6 GiB measured) within 10%."""
-    (tw, *_), (saved, *_) = FP8_4
-    predicted = [predict(C.load(None, BASE + ac + ["--train.compile", "true", "--train.batch_size", "4"]), gpus=4).total_gib
-                 for ac in (tw, saved)]
+    predicted = [planned_gib(ac, compiled, batch, gpus=4) for ac, compiled, batch, _ in FP8_4]
     measured = FP8_4[1][3] - FP8_4[0][3]
     assert abs(predicted[1] - predicted[0] - measured) / measured <= 0.10, (predicted, measured)
 

@@ -59,8 +59,8 @@ def test_a_base_is_scored_once_in_a_merged_table(tmp_path):
 
 
 def test_a_second_call_starts_its_runs_fresh(tmp_path):
-    """Runs an earlier call left in the work folder are removed (a second v7 call with fewer steps would have scored
-    the first call's checkpoint); others' runs stay."""
+    """Runs an earlier call left in the work folder are removed (a run of this call that fails before it starts
+    would be scored by the earlier call's checkpoint); others' runs stay."""
     aa = load_ablation()
     old = tmp_path / "runs" / "all-s0" / "checkpoints" / "step-00001000"
     old.mkdir(parents=True)
