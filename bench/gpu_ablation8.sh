@@ -12,6 +12,8 @@ export WHEELS=.chain
 ls .chain/warm.tar.* >/dev/null 2>&1 || { echo "no .chain/warm.tar.NN: run bench/chain_prep.sh on the base's folder" \
   "and carry [\".chain\"]" >&2; exit 2; }
 rm -rf /tmp/base && mkdir -p /tmp/base && cat .chain/warm.tar.* | tar xf - -C /tmp/base || exit 1
+[ -f /tmp/base/fluxtrain.json ] || cp .chain/fluxtrain.json /tmp/base/ 2>/dev/null || { echo "the base has no" \
+  "fluxtrain.json (its T5 length): put the one of its run into the parts' folder and rerun bench/chain_prep.sh" >&2; exit 2; }
 source bench/gpu_env.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 timeout ${LIMIT:-560} python3 bench/adherence_ablation.py --work /tmp/abl8 --out "$OUT" --base /tmp/base \

@@ -29,9 +29,10 @@ def test_meta_init_takes_no_memory():
     assert all(p.device.type == "meta" for p in m.parameters())
 
 
-@pytest.mark.parametrize("preset, params", [("small", 17_883_712), ("medium", 40_046_400)])
+@pytest.mark.parametrize("preset, params", [("small", 17_883_712), ("medium", 40_046_400),
+                                            ("deep", 27_352_640)])
 def test_the_benchmark_presets_run_with_the_tiny_encoders(preset, params):
-    """small and medium keep tiny's encoder widths (text 64, pooled 64) under a larger transformer: one forward and
+    """small, medium and deep keep tiny's encoder widths (text 64, pooled 64) under a larger transformer: one forward and
     backward at the benchmark's 64 px (16×16 latents, 2×2 packed) with tiny-shaped text embeddings."""
     from fluxtrain import config as C
 
