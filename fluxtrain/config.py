@@ -33,7 +33,7 @@ class ConfigError(ValueError):
 
 @dataclass(config=_STRICT)
 class ModelConfig:
-    preset: Literal["tiny", "small", "medium", "deep", "flux-dev", "flux-schnell"] = "tiny"
+    preset: Literal["tiny", "small", "medium", "deep", "deeper", "flux-dev", "flux-schnell"] = "tiny"
     # A diffusers-layout FLUX folder (transformer/, vae/, text_encoder*/, tokenizer*/) or a BFL single file.
     pretrained: str | None = None
     # Where the frozen encoders and VAE come from when `pretrained` is a BFL single file.

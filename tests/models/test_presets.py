@@ -30,10 +30,10 @@ def test_meta_init_takes_no_memory():
 
 
 @pytest.mark.parametrize("preset, params", [("small", 17_883_712), ("medium", 40_046_400),
-                                            ("deep", 27_352_640)])
+                                            ("deep", 27_352_640), ("deeper", 36_821_568)])
 def test_the_benchmark_presets_run_with_the_tiny_encoders(preset, params):
-    """small, medium and deep keep tiny's encoder widths (text 64, pooled 64) under a larger transformer: one forward and
-    backward at the benchmark's 64 px (16×16 latents, 2×2 packed) with tiny-shaped text embeddings."""
+    """small, medium, deep and deeper keep tiny's encoder widths (text 64, pooled 64) under a larger transformer: one
+    forward and backward at the benchmark's 64 px (16×16 latents, 2×2 packed) with tiny-shaped text embeddings."""
     from fluxtrain import config as C
 
     assert C.load(None, ["--model.preset", preset]).model.preset == preset
