@@ -51,6 +51,19 @@ class TrainedFor:
         (folder / TRAINED_FOR).write_text(json.dumps(dataclasses.asdict(self), indent=1) + "\n")
 
 
+def defaults_notice(model_path) -> str | None:
+    """A line for a diffusers folder without fluxtrain.json (FLUX.1-dev's, or an export older than the file), which
+    is sampled with FLUX.1-dev's defaults; None otherwise. The seventeenth session's v8 base row scored 0%: its parts
+    predated the file, and its 24-token model was sampled at 512."""
+    p = Path(str(model_path))
+    if not (p / "model_index.json").is_file() or (p / TRAINED_FOR).is_file():
+        return None
+    d = TrainedFor()
+    return (f"{p} has no {TRAINED_FOR}: sampling with FLUX.1-dev's defaults ({d.max_text_tokens} T5 tokens, guidance "
+            f"{d.guidance}); a model trained at another text length fails at them: give --max-text-tokens and "
+            "--guidance")
+
+
 def text_length_warning(cfg: C.Config) -> str | None:
     """A line for the log when model.pretrained is an export whose run trained at another T5 length than this run
     pads to; None otherwise. FLUX attends to every padded token: an export of a 24-token run sampled at 512 passed
@@ -68,9 +81,9 @@ def text_length_warning(cfg: C.Config) -> str | None:
             "continue it as trained")
 
 
-def load_for_inference(model_path: str | Path, device: torch.device):
+def load_for_inference(model_path: str | Path, device: torch.device, max_text_tokens: int | None = None):
     """(transformer, text encoders, vae, TrainedFor) from a diffusers folder or a checkpoint (a folder or an fsspec
-    URL such as s3://…)."""
+    URL such as s3://…); `max_text_tokens` overrides the length the model's run trained with."""
     from fluxtrain.checkpoint import is_url
     from fluxtrain.models.encoders import Autoencoder, TextEncoders
     from fluxtrain.models.flux import build_transformer, iter_pretrained_state, load_state_into, pretrained_kwargs
@@ -89,6 +102,8 @@ def load_for_inference(model_path: str | Path, device: torch.device):
 
         model, cfg, folder = load_checkpoint_model(model_path)
         trained = TrainedFor.of_run(cfg)
+    if max_text_tokens is not None:
+        trained = dataclasses.replace(trained, max_text_tokens=max_text_tokens)
     dev_dtype = torch.float32
     text = TextEncoders(folder, max_tokens=trained.max_text_tokens, dtype=dev_dtype).to(device)
     vae = Autoencoder(folder, dtype=dev_dtype).to(device)

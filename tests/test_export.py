@@ -172,3 +172,30 @@ def test_fine_tuning_an_export_at_another_text_length_is_logged(tmp_path):
     assert text_length_warning(at("24")) is None
     (tmp_path / "export" / "fluxtrain.json").unlink()
     assert text_length_warning(at("512")) is None
+
+
+def test_eval_of_a_folder_without_fluxtrain_json_says_so_and_takes_a_text_length(tmp_path, capsys):
+    """A diffusers folder without fluxtrain.json is sampled with FLUX.1-dev's 512 T5 tokens: eval says so in a line
+    and --max-text-tokens sets the length (the v8 ablation's base, trained at 24 tokens, scored 0% at 512)."""
+    import json
+    import shutil
+
+    from fluxtrain.eval.evaluate import main
+    from fluxtrain.models.tiny import tiny_folder
+    from fluxtrain.sample import TrainedFor
+
+    shutil.copytree(tiny_folder(), tmp_path / "m")
+    common = ["--model", str(tmp_path / "m"), "--limit", "1", "--steps", "1", "--resolution", "32", "--device", "cpu"]
+    assert main(common + ["--out", str(tmp_path / "a.json")]) == 0
+    err = capsys.readouterr().err
+    assert "has no fluxtrain.json: sampling with FLUX.1-dev's defaults (512 T5 tokens" in err
+    assert json.loads((tmp_path / "a.json").read_text())["max_text_tokens"] == 512
+    assert main(common + ["--max-text-tokens", "24", "--out", str(tmp_path / "b.json")]) == 0
+    assert "has no fluxtrain.json" not in capsys.readouterr().err
+    assert json.loads((tmp_path / "b.json").read_text())["max_text_tokens"] == 24
+    assert main(common + ["--max-text-tokens", "0"]) == 2
+    assert "--max-text-tokens 0: give at least 1" in capsys.readouterr().err
+    TrainedFor(24, 32).write(tmp_path / "m")  # an export's own file: no line, its length
+    assert main(common + ["--out", str(tmp_path / "c.json")]) == 0
+    assert "has no fluxtrain.json" not in capsys.readouterr().err
+    assert json.loads((tmp_path / "c.json").read_text())["max_text_tokens"] == 24

@@ -267,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="default: the run's data.resolution, else 64 for a ×4 VAE (tiny) and 512 otherwise")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--guidance", type=float, default=None, help="default: the run's model.guidance, else 3.5")
+    ap.add_argument("--max-text-tokens", type=int, default=None,
+                    help="T5 length prompts are padded to (default: the run's model.max_text_tokens, else 512); FLUX "
+                         "attends to every padded token, so give the length the model trained with")
     ap.add_argument("--true-cfg", type=float, default=None,
                     help="classifier-free guidance scale against the empty prompt (default: the run's "
                          "eval.true_cfg_scale, else 1 = off)")
@@ -285,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
               "(σ: 1 is noise)", file=sys.stderr)
         return 2
 
+    if a.max_text_tokens is not None and a.max_text_tokens < 1:
+        print(f"fluxtrain: error: --max-text-tokens {a.max_text_tokens}: give at least 1", file=sys.stderr)
+        return 2
     files = [Path(p) for p in (a.prompts or DEFAULT_PROMPT_FILES)]
     for f in files:
         if not f.is_file():
@@ -295,10 +301,12 @@ def main(argv: list[str] | None = None) -> int:
         print("fluxtrain: error: no prompts", file=sys.stderr)
         return 2
 
-    from fluxtrain.sample import load_for_inference
+    from fluxtrain.sample import defaults_notice, load_for_inference
 
+    if a.max_text_tokens is None and (notice := defaults_notice(a.model)):
+        print(f"fluxtrain eval: {notice}", file=sys.stderr)
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, text, vae, trained = load_for_inference(a.model, device)
+    model, text, vae, trained = load_for_inference(a.model, device, a.max_text_tokens)
     res = a.resolution or trained.resolution
     steps = a.steps or trained.steps
     g = a.guidance if a.guidance is not None else trained.guidance
