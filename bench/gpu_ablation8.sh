@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # #6, the ablation's v8: every arm fine-tunes a model that already follows complex prompts part of the time, the
 # guide's own setting (FLUX.1-dev at 68% on complex prompts, fine-tuned to 89%). The base is a carried export: the
-# fifteenth session's chain stage 2 (small preset, bound T5, 15,000 steps of clean complex-augmented data in two
+# fifteenth session's chain stage 2 (small preset, bound T5, 14,433 steps of clean complex-augmented data in two
 # restarted stages; 68.8% complex, 89.1% simple over 3 eval seeds). v7 started from a base of clean simple prompts
 # only (13.3% complex) and its "all" arm reached 36%.
 #   here:   bash bench/chain_prep.sh /work/keep/chain15-stage2      .chain/ = the wheels + the base's parts (45 MB)
