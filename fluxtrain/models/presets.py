@@ -45,7 +45,8 @@ PRESETS: dict[str, dict] = {
     # another one's colour or shape, one copy too many), and a joint block is where text and image tokens meet
     "deep": {**TINY, "num_layers": 8, "num_single_layers": 8, "attention_head_dim": 64, "axes_dims_rope": (16, 24, 24)},
     # and with 12 (36.8M): whether the trend goes on
-    "deeper": {**TINY, "num_layers": 12, "num_single_layers": 8, "attention_head_dim": 64, "axes_dims_rope": (16, 24, 24)},
+    "deeper": {**TINY, "num_layers": 12, "num_single_layers": 8, "attention_head_dim": 64,
+               "axes_dims_rope": (16, 24, 24)},
 }
 
 # Parameter counts the tests pin (flux-dev is FLUX.1-dev's published size).
