@@ -14,7 +14,9 @@ done
 cp "$DIR"/warm.tar.* .chain/
 # what the base trained and samples with (its T5 length above all): exports before the sixteenth session lack it in
 # their parts, and eval then samples with FLUX.1-dev's 512 tokens (0% on the v8 ablation's first base row)
-for f in "$DIR/fluxtrain.json" "$DIR/export/fluxtrain.json"; do [ -f "$f" ] && cp "$f" .chain/fluxtrain.json && break; done
+for f in "$DIR/fluxtrain.json" "$DIR/export/fluxtrain.json"; do
+  [ -f "$f" ] && cp "$f" .chain/fluxtrain.json && break
+done
 # the stage these weights end (its sweep's variant is stageN): gpu_chain.sh runs only the next one from them
 python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['rows'][0]['variant'].removeprefix('stage'))" \
   "$DIR/sweep.json" > .chain/stage

@@ -17,8 +17,8 @@
 # (restarts, one decay) plateau near 80% with the small preset; PRESET=medium (1.5× the width, 40.0M) did not do
 # better (fourteenth session). PRESET=deep (8 double blocks, 27.4M) passed +13.9 ± 5.5 points more complex prompts
 # than small at 4,500 steps (seventeenth session, bench/gpu_depth.sh): the next chain. Its export (~54 MiB) still
-# comes back as parts; with the wheels the parts are at the 64 MiB carry limit (FROM=warm needs no carry). RES=128 is not measured (every stage of a chain with the same PRESET and RES; STAGES=1
-# is one run decayed to 0).
+# comes back as parts; with the wheels the parts are at the 64 MiB carry limit (FROM=warm needs no carry). RES=128
+# is not measured (every stage of a chain with the same PRESET and RES; STAGES=1 is one run decayed to 0).
 # FROM=warm: start from the weights the last call left in /tmp/warm-out of this still-warm machine (it stays warm
 # ~30 s after a call, so issue the next call at once), for weights that can't come back (the medium preset's export
 # is 79 MB, more than a call returns or carries) and to skip chain_prep.sh. RESTART=1: every stage its own cosine

@@ -10,7 +10,8 @@ set -u
 source bench/gpu_env.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 # DEEPER=1: deep against deeper (12 double + 8 single, 36.8M) instead of small against deep
-V=("small=" "deep=--model.preset deep"); [ -n "${DEEPER:-}" ] && V=("deep=--model.preset deep" "deeper=--model.preset deeper")
+V=("small=" "deep=--model.preset deep")
+[ -n "${DEEPER:-}" ] && V=("deep=--model.preset deep" "deeper=--model.preset deeper")
 ENC=$([ -d .whl/tiny-bind ] && echo "$PWD/.whl/tiny-bind" || echo bind)
 timeout ${LIMIT:-565} python3 bench/adherence_sweep.py --work /tmp/depth --out "$OUT" --max-minutes ${MAX_MIN:-5.5} \
   --deadline-minutes 9.3 --eval-reserve-s 90 --num ${NUM:-24000} --chunks 16 --data-seed 1 --cuda-graphs \

@@ -117,11 +117,12 @@ def cmd_sample(argv: list[str]) -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--guidance", type=float, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-text-tokens", type=int, default=None, help="as fluxtrain eval's")
     a = ap.parse_args(argv)
     from fluxtrain.sample import sample_to_dir
 
     paths = sample_to_dir(a.model, a.prompt, a.out, resolution=a.resolution, steps=a.steps, guidance=a.guidance,
-                          seed=a.seed)
+                          seed=a.seed, max_text_tokens=a.max_text_tokens)
     print(f"wrote {len(paths)} images and grid.png to {a.out}")
     return 0
 

@@ -51,19 +51,6 @@ class TrainedFor:
         (folder / TRAINED_FOR).write_text(json.dumps(dataclasses.asdict(self), indent=1) + "\n")
 
 
-def defaults_notice(model_path) -> str | None:
-    """A line for a diffusers folder without fluxtrain.json (FLUX.1-dev's, or an export older than the file), which
-    is sampled with FLUX.1-dev's defaults; None otherwise. The seventeenth session's v8 base row scored 0%: its parts
-    predated the file, and its 24-token model was sampled at 512."""
-    p = Path(str(model_path))
-    if not (p / "model_index.json").is_file() or (p / TRAINED_FOR).is_file():
-        return None
-    d = TrainedFor()
-    return (f"{p} has no {TRAINED_FOR}: sampling with FLUX.1-dev's defaults ({d.max_text_tokens} T5 tokens, guidance "
-            f"{d.guidance}); a model trained at another text length fails at them: give --max-text-tokens and "
-            "--guidance")
-
-
 def text_length_warning(cfg: C.Config) -> str | None:
     """A line for the log when model.pretrained is an export whose run trained at another T5 length than this run
     pads to; None otherwise. FLUX attends to every padded token: an export of a 24-token run sampled at 512 passed
@@ -84,10 +71,14 @@ def text_length_warning(cfg: C.Config) -> str | None:
 def load_for_inference(model_path: str | Path, device: torch.device, max_text_tokens: int | None = None):
     """(transformer, text encoders, vae, TrainedFor) from a diffusers folder or a checkpoint (a folder or an fsspec
     URL such as s3://…); `max_text_tokens` overrides the length the model's run trained with."""
+    import sys
+
     from fluxtrain.checkpoint import is_url
     from fluxtrain.models.encoders import Autoencoder, TextEncoders
     from fluxtrain.models.flux import build_transformer, iter_pretrained_state, load_state_into, pretrained_kwargs
 
+    if max_text_tokens is not None and max_text_tokens < 1:
+        raise C.ConfigError(f"--max-text-tokens {max_text_tokens}: give at least 1")
     p = Path(model_path)  # only looked at for local paths: Path folds a URL's `s3://` into `s3:/`
     if not is_url(model_path) and ((p / "model_index.json").is_file() or p.suffix == ".safetensors"):
         kw = pretrained_kwargs(p) if p.is_dir() else None
@@ -97,6 +88,12 @@ def load_for_inference(model_path: str | Path, device: torch.device, max_text_to
         model = build_transformer(kw, device="cpu")
         load_state_into(model, iter_pretrained_state(p, kw["num_attention_heads"] * kw["attention_head_dim"]))
         trained = TrainedFor.of_folder(p)
+        if max_text_tokens is None and not (p / TRAINED_FOR).is_file():
+            # FLUX.1-dev's folder, or an export older than the file: the seventeenth session's v8 base, trained at 24
+            # tokens and sampled at 512 for want of it, scored 0%
+            print(f"fluxtrain: {p} has no {TRAINED_FOR}: sampling with FLUX.1-dev's defaults "
+                  f"({trained.max_text_tokens} T5 tokens, guidance {trained.guidance}); a model trained at another "
+                  "text length fails at them: give --max-text-tokens and --guidance", file=sys.stderr)
     else:
         from fluxtrain.export import load_checkpoint_model
 
@@ -113,11 +110,11 @@ def load_for_inference(model_path: str | Path, device: torch.device, max_text_to
 
 
 def sample_to_dir(model_path, prompts: list[str], out: str | Path, resolution: int | None = None, steps: int = 20,
-                  guidance: float | None = None, seed: int = 0) -> list[Path]:
+                  guidance: float | None = None, seed: int = 0, max_text_tokens: int | None = None) -> list[Path]:
     from fluxtrain.eval.grid import generate, save_grid
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, text, vae, trained = load_for_inference(model_path, device)
+    model, text, vae, trained = load_for_inference(model_path, device, max_text_tokens)
     res = resolution or trained.resolution
     g = guidance if guidance is not None else trained.guidance
     images = generate(model, text, vae, prompts, res, steps=steps,

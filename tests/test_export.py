@@ -175,11 +175,12 @@ def test_fine_tuning_an_export_at_another_text_length_is_logged(tmp_path):
 
 
 def test_eval_of_a_folder_without_fluxtrain_json_says_so_and_takes_a_text_length(tmp_path, capsys):
-    """A diffusers folder without fluxtrain.json is sampled with FLUX.1-dev's 512 T5 tokens: eval says so in a line
-    and --max-text-tokens sets the length (the v8 ablation's base, trained at 24 tokens, scored 0% at 512)."""
+    """A diffusers folder without fluxtrain.json is sampled with FLUX.1-dev's 512 T5 tokens: eval and sample say so in
+    a line and --max-text-tokens sets the length (the v8 ablation's base, trained at 24 tokens, scored 0% at 512)."""
     import json
     import shutil
 
+    from fluxtrain.cli import main as cli_main
     from fluxtrain.eval.evaluate import main
     from fluxtrain.models.tiny import tiny_folder
     from fluxtrain.sample import TrainedFor
@@ -193,8 +194,15 @@ def test_eval_of_a_folder_without_fluxtrain_json_says_so_and_takes_a_text_length
     assert main(common + ["--max-text-tokens", "24", "--out", str(tmp_path / "b.json")]) == 0
     assert "has no fluxtrain.json" not in capsys.readouterr().err
     assert json.loads((tmp_path / "b.json").read_text())["max_text_tokens"] == 24
-    assert main(common + ["--max-text-tokens", "0"]) == 2
+    assert cli_main(["eval"] + common + ["--max-text-tokens", "0", "--out", str(tmp_path / "z.json")]) == 2
     assert "--max-text-tokens 0: give at least 1" in capsys.readouterr().err
+    # `sample` loads the same way: the same line and the same override
+    assert cli_main(["sample", "--model", str(tmp_path / "m"), "--prompt", "a red circle", "--steps", "1",
+                     "--resolution", "32", "--out", str(tmp_path / "s")]) == 0
+    assert "has no fluxtrain.json: sampling with FLUX.1-dev's defaults (512 T5 tokens" in capsys.readouterr().err
+    assert cli_main(["sample", "--model", str(tmp_path / "m"), "--prompt", "a red circle", "--steps", "1",
+                     "--resolution", "32", "--max-text-tokens", "24", "--out", str(tmp_path / "s")]) == 0
+    assert "has no fluxtrain.json" not in capsys.readouterr().err
     TrainedFor(24, 32).write(tmp_path / "m")  # an export's own file: no line, its length
     assert main(common + ["--out", str(tmp_path / "c.json")]) == 0
     assert "has no fluxtrain.json" not in capsys.readouterr().err

@@ -288,9 +288,6 @@ def main(argv: list[str] | None = None) -> int:
               "(σ: 1 is noise)", file=sys.stderr)
         return 2
 
-    if a.max_text_tokens is not None and a.max_text_tokens < 1:
-        print(f"fluxtrain: error: --max-text-tokens {a.max_text_tokens}: give at least 1", file=sys.stderr)
-        return 2
     files = [Path(p) for p in (a.prompts or DEFAULT_PROMPT_FILES)]
     for f in files:
         if not f.is_file():
@@ -301,10 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         print("fluxtrain: error: no prompts", file=sys.stderr)
         return 2
 
-    from fluxtrain.sample import defaults_notice, load_for_inference
+    from fluxtrain.sample import load_for_inference
 
-    if a.max_text_tokens is None and (notice := defaults_notice(a.model)):
-        print(f"fluxtrain eval: {notice}", file=sys.stderr)
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, text, vae, trained = load_for_inference(a.model, device, a.max_text_tokens)
     res = a.resolution or trained.resolution
