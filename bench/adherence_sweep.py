@@ -26,6 +26,7 @@ import re
 import shlex
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -100,6 +101,11 @@ def main() -> int:
     ap.add_argument("--num", type=int, default=32_000, help="samples per data set")
     ap.add_argument("--data-seed", type=int, default=0, help="another value draws other scenes")
     ap.add_argument("--chunks", type=int, default=16, help="parallel synth/clean processes per data set")
+    ap.add_argument("--next-data-seed", type=int, default=None,
+                    help="while the runs train, make (niced, on the CPU) the scenes of this data seed, so that the "
+                         "next warm-started stage on this machine finds them ready (a chain's stage spent ~100 s of "
+                         "its call making its data)")
+    ap.add_argument("--data-only", action="store_true", help="make the data sets (not their caches) and stop")
     ap.add_argument("--config", default="configs/ablation-small.toml")
     ap.add_argument("--preset", default="small")
     ap.add_argument("--steps", type=int, default=100_000, help="an upper bound: --max-minutes ends the runs")
@@ -138,6 +144,13 @@ def main() -> int:
         return work / f"r{r}-d{a.data_seed}"
 
     work.mkdir(parents=True, exist_ok=True)
+    resolutions = sorted({r for r, _ in variants.values()})
+    only = (a.data.replace("clean", "noisy"),)  # the noisy set that --data is, or is cleaned from
+    if a.data_only:
+        for r in resolutions:
+            data_dir(r).mkdir(parents=True, exist_ok=True)
+            print(json.dumps({r: AA.make_data(data_dir(r), a.num, a.chunks, r, only, a.data_seed)}), flush=True)
+        return 0
     out.mkdir(parents=True, exist_ok=True)
     import torch
 
@@ -147,10 +160,8 @@ def main() -> int:
     t0 = time.time()
     AA.resolve_encoders(a, work)
     warm = AA.warm_compile_cache(a, work, gpus, with_itc=False) if compile_ else []
-    resolutions = sorted({r for r, _ in variants.values()})
     for r in resolutions:
         data_dir(r).mkdir(parents=True, exist_ok=True)
-    only = (a.data.replace("clean", "noisy"),)  # the noisy set that --data is, or is cleaned from
     with ThreadPoolExecutor(len(resolutions)) as ex:  # the resolutions' data at once
         made = ex.map(lambda r: AA.make_data(data_dir(r), a.num, a.chunks, r, only, a.data_seed), resolutions)
         cleaning = dict(zip(resolutions, made))
@@ -180,6 +191,7 @@ def main() -> int:
         cmds.append((AA.PY + ov, {**AA.gpu_env(i, gpus), "OMP_NUM_THREADS": "1"}, work / f"train-{v}-s{seed}.log"))
     clock = train_clock(a.max_minutes, a.deadline_minutes, time.time() - t0, a.eval_reserve_s)
     print(f"training clock {clock:.0f}s", flush=True)
+    ahead = data_ahead(a, resolutions) if a.next_data_seed is not None else None
     walls = AA.run_all(cmds, timeout_s=clock)
     summaries = [run_summary(work / "runs" / f"{v}-s{s}") for v, s in runs]
 
@@ -198,6 +210,11 @@ def main() -> int:
                 evals.append((AA.eval_cmd(Path(ck), es, work / folder / f"{name}.json", lim + settings[e]),
                               AA.gpu_env(len(evals), gpus), work / f"eval-{name}.log"))
     AA.run_all(evals)
+    if ahead is not None:  # the call must not end (and kill it) with the next stage's scenes half made
+        code = ahead.wait()
+        print(f"data seed {a.next_data_seed} for the next stage: " + (
+            "ready" if code == 0 else f"failed ({code}), log {work}/data-ahead.log: that stage makes its own"),
+            flush=True)
 
     rows = []
     for (v, seed), sm, wall in zip(runs, summaries, walls):
@@ -226,6 +243,15 @@ def main() -> int:
     (out / "sweep.md").write_text(table(result))
     print(table(result))
     return 0
+
+
+def data_ahead(a, resolutions: list[int]) -> subprocess.Popen:
+    """This script with --data-only for --next-data-seed, niced, so that the training runs keep their CPU time."""
+    cmd = ["nice", "-n", "19", sys.executable, __file__, "--data-only", "--work", str(Path(a.work).resolve()), "--data", a.data,
+           "--num", str(a.num), "--chunks", str(a.chunks), "--data-seed", str(a.next_data_seed),
+           "--variants"] + [f"r{r}=--res {r}" for r in resolutions]
+    return subprocess.Popen(cmd, stdout=open(Path(a.work) / "data-ahead.log", "w"), stderr=subprocess.STDOUT,
+                            cwd=AA.ROOT)
 
 
 def train_clock(max_minutes: float, deadline_minutes: float | None, elapsed_s: float, reserve_s: float) -> float:

@@ -65,12 +65,17 @@ echo "stage $STAGE of $STAGES from ${INIT:-random init}; encoders $ENC; lr $LR d
 # forms, is a suspect (--cfg-interval: guided only where σ ≤ 0.8 or ≤ 0.6), as is the scale (CFG 2).
 LAST=$([ "$STAGE" = "$STAGES" ] && echo 1 || echo 0)  # the last stage: 3 eval seeds × 4 settings, fewer curve points
 EV=("cfg4s50=--true-cfg 4 --steps 50")
-((LAST)) && EV+=("cfg4s50i08=--true-cfg 4 --steps 50 --cfg-interval 0 0.8"
+# GUIDANCE=0: the last stage under CFG 4 alone (the fifteenth session found no lever in the others), and a shorter
+# scoring reserve for it
+((LAST && ${GUIDANCE:-1})) && EV+=("cfg4s50i08=--true-cfg 4 --steps 50 --cfg-interval 0 0.8"
   "cfg4s50i06=--true-cfg 4 --steps 50 --cfg-interval 0 0.6" "cfg2s50=--true-cfg 2 --steps 50")
+# Not the last stage: the next stage's scenes (data seed + 1) are made on the CPU while this one trains, so that a
+# FROM=warm stage finds them ready and trains ~100 s longer in its call (--next-data-seed).
 # the sweep's deadline cuts the training clock so that scoring fits before this timeout (a medium stage once trained
 # to the clock and lost its scores to it)
 timeout 555 python3 bench/adherence_sweep.py --work /tmp/sweep --out "$OUT" --max-minutes ${MAX_MIN:-7.5} \
-  --deadline-minutes ${DEADLINE_MIN:-9.0} --eval-reserve-s ${EVAL_RESERVE:-$((LAST ? 120 : 60))} \
+  --deadline-minutes ${DEADLINE_MIN:-9.0} --eval-reserve-s ${EVAL_RESERVE:-$((LAST ? (${GUIDANCE:-1} ? 120 : 90) : 60))} \
+  $( ((LAST)) || echo --next-data-seed $((${DATA_SEED:-$STAGE} + 1)) ) \
   --num ${NUM:-32000} --chunks ${CHUNKS:-16} --data-seed ${DATA_SEED:-$STAGE} --cuda-graphs --batch ${BATCH:-256} \
   --preset $PRESET --resolution $RES --data ${DATA:-complex_clean} \
   --seeds ${SEED:-0} --encoders "$ENC" --steps ${STEPS:-8000} --schedule cosine --lr "$LR" --curve \
