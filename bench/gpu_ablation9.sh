@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# #6, the ablation from v9 on: the five arms (× SEED) fine-tune a base that BASE names, so that one script serves
+# every base (v7 and v8 each had a copy of this with its own base source):
+#   BASE=warm   the export that the last bench/gpu_chain.sh call left on this still-warm machine (/tmp/warm-out; the
+#               machine stays warm ~30 s after a call, so issue this call at once): a chain and its ablation in one
+#               session, no weights carried
+#   BASE=chain  the parts that bench/chain_prep.sh put into .chain/ from a stage's returned folder (carry [".chain"])
+#   one GPU:   SEED=0 bash bench/gpu_ablation9.sh      (the five arms of one seed at once; a call per seed)
+#   2+ GPUs:   SEED="0 1" bash bench/gpu_ablation9.sh  (all runs at once, round-robin over the GPUs)
+# Fine-tuning lr LR (default 1e-4) → 0 over STEPS (1,000), a 5-minute guard per run (MAX_MIN). v8 fine-tuned at
+# 2.5e-4 and every arm ended below its base; a gentler lr keeps more of it.
+set -u
+B=${BASE_DIR:-/tmp/base}  # where the base is unpacked or moved
+case "${BASE:-}" in
+  warm)
+    W=${WARM_DIR:-/tmp/warm-out}
+    [ -f "$W/model_index.json" ] || { echo "BASE=warm: no export in $W (the machine was given back since the" \
+      "gpu_chain.sh call, or none ran on it): rerun that call, or BASE=chain with its returned parts" >&2; exit 2; }
+    echo "base: the warm machine's last stage ($(cat "$W/.stage" 2>/dev/null || echo '?'): stage preset px data)"
+    rm -rf "$B" && mkdir -p "$(dirname "$B")" && cp -r "$W" "$B" ;;
+  chain)
+    export WHEELS=.chain
+    ls .chain/warm.tar.* >/dev/null 2>&1 || { echo "BASE=chain: no .chain/warm.tar.NN: run bench/chain_prep.sh on" \
+      "the base's folder and carry [\".chain\"]" >&2; exit 2; }
+    echo "base: the carried parts of stage $(cat .chain/stage 2>/dev/null) ($(cat .chain/shape 2>/dev/null))"
+    rm -rf "$B" && mkdir -p "$B" && cat .chain/warm.tar.* | tar xf - -C "$B" || exit 1
+    [ -f "$B/fluxtrain.json" ] || cp .chain/fluxtrain.json "$B/" 2>/dev/null ;;
+  *) echo "BASE=${BASE:-} : give BASE=warm (the last gpu_chain.sh call's export on this warm machine) or BASE=chain" \
+       "(the parts in .chain/)" >&2; exit 2 ;;
+esac
+# its T5 length above all: without the file eval samples at FLUX.1-dev's 512 tokens (v8's base row scored 0%)
+[ -f "$B/fluxtrain.json" ] || { echo "the base has no fluxtrain.json (its T5 length): put the one of its run into" \
+  "the parts' folder and rerun bench/chain_prep.sh" >&2; exit 2; }
+rm -f "$B/.stage"
+source bench/gpu_env.sh
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+timeout ${LIMIT:-560} python3 bench/adherence_ablation.py --work /tmp/abl --out "$OUT" --base "$B" \
+  --seeds ${SEED:-0} --lr ${LR:-1e-4} --steps ${STEPS:-1000} --max-minutes ${MAX_MIN:-5} --num ${NUM:-24000} \
+  --chunks 16 --cuda-graphs --eval-seeds ${EVAL_SEEDS:-0 1} ${EXTRA:-} 2>&1 \
+  | grep -v "UserWarning\|warnings.warn\|Loading weights" | tail -24
+cd /tmp/abl && tar czf "$OUT/logs.tgz" train-*.log eval-*.log runs/*/metrics.jsonl evals/*.json 2>/dev/null
+cp /tmp/abl/evals/all-s*-e0-failures.png "$OUT/" 2>/dev/null; ls -la "$OUT"

@@ -1,0 +1,75 @@
+"""bench/gpu_ablation9.sh: one ablation script for every base source (BASE=warm: the last gpu_chain.sh call's export
+on the warm machine; BASE=chain: the carried parts). Its checks run before anything GPU-side, so they are tested here
+with stand-in bases; a stub bench/gpu_env.sh ends the script where the GPU part would start."""
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from tests.test_bench_ablation8 import ROOT, _stage_dir
+
+
+def _repo(tmp_path: Path) -> Path:
+    repo = tmp_path / "repo"
+    (repo / "bench").mkdir(parents=True)
+    for f in ("chain_prep.sh", "gpu_ablation9.sh"):
+        shutil.copy(ROOT / "bench" / f, repo / "bench" / f)
+    (repo / "bench" / "gpu_env.sh").write_text("exit 0\n")  # sourced: the script stops where the GPU work begins
+    (repo / ".whl").mkdir()
+    (repo / ".whl" / "x-1.0-py3-none-any.whl").write_bytes(b"")
+    (repo / ".git" / "info").mkdir(parents=True)
+    return repo
+
+
+def _run(repo: Path, script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+    e = {**os.environ, "BASE_DIR": str(repo / "base"), "WARM_DIR": str(repo / "warm-out"), **env}
+    return subprocess.run(["bash", script, *args], cwd=repo, capture_output=True, text=True, timeout=60, env=e)
+
+
+def _warm_export(repo: Path, with_json: bool) -> Path:
+    w = repo / "warm-out"
+    w.mkdir()
+    (w / "model_index.json").write_text("{}")
+    (w / ".stage").write_text("2 deep 64 complex_clean\n")
+    if with_json:
+        (w / "fluxtrain.json").write_text('{"max_text_tokens": 24}')
+    return w
+
+
+def test_a_base_source_must_be_named(tmp_path):
+    r = _run(_repo(tmp_path), "bench/gpu_ablation9.sh")
+    assert r.returncode == 2 and "give BASE=warm" in r.stderr
+
+
+def test_the_warm_base_is_copied_with_its_length_and_stays_for_the_next_seed(tmp_path):
+    repo = _repo(tmp_path)
+    r = _run(repo, "bench/gpu_ablation9.sh", BASE="warm")
+    assert r.returncode == 2 and "BASE=warm: no export in" in r.stderr  # a machine given back since the chain
+    w = _warm_export(repo, with_json=False)
+    r = _run(repo, "bench/gpu_ablation9.sh", BASE="warm")
+    assert r.returncode == 2 and "the base has no fluxtrain.json" in r.stderr
+    (w / "fluxtrain.json").write_text('{"max_text_tokens": 24}')
+    r = _run(repo, "bench/gpu_ablation9.sh", BASE="warm")
+    assert r.returncode == 0, r.stderr
+    assert "2 deep 64 complex_clean" in r.stdout
+    base = repo / "base"
+    assert json.loads((base / "fluxtrain.json").read_text()) == {"max_text_tokens": 24}
+    assert (base / "model_index.json").is_file() and not (base / ".stage").exists()
+    assert (w / "model_index.json").is_file() and (w / ".stage").is_file()  # a second call (SEED=1) finds it again
+
+
+def test_the_chain_base_is_unpacked_from_the_carried_parts(tmp_path):
+    repo = _repo(tmp_path)
+    r = _run(repo, "bench/gpu_ablation9.sh", BASE="chain")
+    assert r.returncode == 2 and "BASE=chain: no .chain/warm.tar.NN" in r.stderr
+    assert _run(repo, "bench/chain_prep.sh", str(_stage_dir(tmp_path, False, False))).returncode == 0
+    r = _run(repo, "bench/gpu_ablation9.sh", BASE="chain")
+    assert r.returncode == 2 and "the base has no fluxtrain.json" in r.stderr
+    shutil.rmtree(tmp_path / "stage")
+    assert _run(repo, "bench/chain_prep.sh", str(_stage_dir(tmp_path, False, True))).returncode == 0
+    r = _run(repo, "bench/gpu_ablation9.sh", BASE="chain")
+    assert r.returncode == 0, r.stderr
+    assert "stage 2 (small 64)" in r.stdout
+    assert (repo / "base" / "model_index.json").is_file() and (repo / "base" / "fluxtrain.json").is_file()
