@@ -180,6 +180,8 @@ def train_args(a, path: Path, run: Path, seed: int, itc: float | None, compile_:
           "--train.output_dir", str(run), "--optim.lr", str(a.lr), "--optim.schedule", a.schedule,
           "--checkpoint.interval", str(a.steps),
           "--train.itc_weight", str(a.itc_weight if itc is None else itc)] + common_overrides(a, compile_)
+    if getattr(a, "itc_sigma_scale", 1.0) != 1.0:  # (nor --itc-sigma-scale)
+        ov += ["--train.itc_sigma_scale", str(a.itc_sigma_scale)]
     if getattr(a, "base", None):  # (bench/adherence_sweep.py shares this and has no --base)
         ov += ["--model.pretrained", a.base]
     if compile_ and a.cuda_graphs and itc == 0.0:  # ITC is not proven under CUDA graphs (config.py)
@@ -228,6 +230,8 @@ def main() -> int:
     ap.add_argument("--eval-steps", type=int, default=50, help="sampling steps at eval (gpu_run42: 50 beat 20)")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--itc-weight", type=float, default=0.1)
+    ap.add_argument("--itc-sigma-scale", type=float, default=1.0,
+                    help="train.itc_sigma_scale of the ITC arms: their ITC copy at σ × this (v7, v8: 1)")
     ap.add_argument("--max-minutes", type=float, default=8.0,
                     help="a guard per round of runs: a run still going then is stopped and scored where it is")
     ap.add_argument("--eval-seeds", type=int, nargs="+", default=[0, 1])

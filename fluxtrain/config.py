@@ -77,6 +77,9 @@ class TrainConfig:
     loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = "none"
     max_nonfinite_steps: int = 10
     itc_weight: float = 0.0
+    # the noise level of ITC's image features: the batch's σ times this (1: the flow loss's own noisy latents; < 1:
+    # cleaner ones, where the caption's objects can already be seen: near σ = 1 no caption is readable)
+    itc_sigma_scale: float = 1.0
     compile: bool = False
     # reduce-overhead: each compiled block replays as a CUDA graph (a small model's step is otherwise bound by kernel
     # launches: 1,600 launches for 14 ms of GPU work). One fp32 process without FSDP, no ITC.
@@ -395,6 +398,9 @@ def validate(cfg: Config) -> None:
                     ("data.caption_augment", d.caption_augment), ("data.max_skip_frac", d.max_skip_frac)):
         if not 0.0 <= v <= 1.0:
             raise ConfigError(f"{name} must be in [0, 1] (got {v})")
+    if not 0.0 < t.itc_sigma_scale <= 1.0:
+        raise ConfigError(f"train.itc_sigma_scale must be in (0, 1] (1: ITC sees the flow loss's noisy latents), got "
+                          f"{t.itc_sigma_scale}")
     if d.source in ("webdataset", "cache") and not d.path:
         raise ConfigError(f"data.source = {d.source} needs data.path (a shard glob, brace pattern or URL list)")
     if p.cpu_offload and p.strategy == "NO_SHARD":

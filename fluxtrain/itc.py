@@ -206,30 +206,32 @@ class ITCObjective:
         self.sched = build_scheduler(self.opt, total_steps, optim_cfg)
 
     def forward(self, model, inputs: dict, empty_seq: torch.Tensor, empty_pooled: torch.Tensor,
-                pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                pooled: torch.Tensor, view: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The model's prediction for `inputs` and the weighted ITC loss, from one forward of the batch joined with
         its empty-prompt copy: one pass over the blocks (under FSDP one all-gather each, not two) with the same
         results as two forwards, the model treating each sample on its own. An empty prompt of another length than
-        the captions can't join the batch: then two forwards."""
-        uncond = self._uncond(inputs, empty_seq, empty_pooled)
+        the captions can't join the batch: then two forwards. `view`: inputs of the copy that differ from the
+        batch's (`hidden_states` and `timestep` at a lower noise level, train.itc_sigma_scale)."""
+        uncond = self._uncond(inputs, empty_seq, empty_pooled, view)
         if uncond["encoder_hidden_states"].shape[1:] != inputs["encoder_hidden_states"].shape[1:]:
-            return model(**inputs)[0], self.loss(model, inputs, empty_seq, empty_pooled, pooled)
+            return model(**inputs)[0], self.loss(model, inputs, empty_seq, empty_pooled, pooled, view)
         b = inputs["hidden_states"].shape[0]
         joint = {k: torch.cat([v, uncond[k]]) if k in _BATCHED and v is not None else v for k, v in inputs.items()}
         out = self._captured(model, joint)
         return out[:b], self._loss(self.capture.pop()[b:], pooled)
 
     def loss(self, model, inputs: dict, empty_seq: torch.Tensor, empty_pooled: torch.Tensor,
-             pooled: torch.Tensor) -> torch.Tensor:
+             pooled: torch.Tensor, view: dict | None = None) -> torch.Tensor:
         """The weighted ITC loss from a separate forward of the batch with the empty prompt."""
-        self._captured(model, self._uncond(inputs, empty_seq, empty_pooled))
+        self._captured(model, self._uncond(inputs, empty_seq, empty_pooled, view))
         return self._loss(self.capture.pop(), pooled)
 
-    def _uncond(self, inputs: dict, empty_seq: torch.Tensor, empty_pooled: torch.Tensor) -> dict:
+    def _uncond(self, inputs: dict, empty_seq: torch.Tensor, empty_pooled: torch.Tensor,
+                view: dict | None = None) -> dict:
         b = inputs["hidden_states"].shape[0]
         return dict(inputs, encoder_hidden_states=empty_seq.expand(b, -1, -1).to(inputs["encoder_hidden_states"].dtype),
                     pooled_projections=empty_pooled.expand(b, -1).to(inputs["pooled_projections"].dtype),
-                    txt_ids=inputs["txt_ids"][: empty_seq.shape[1]])
+                    txt_ids=inputs["txt_ids"][: empty_seq.shape[1]], **(view or {}))
 
     def _captured(self, model, inputs: dict) -> torch.Tensor:
         self.capture.enabled = True

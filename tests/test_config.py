@@ -27,6 +27,8 @@ def test_guide_aliases():
     (["--data.resolution", "70"], "multiple of 16"),
     (["--data.source", "webdataset"], "needs data.path"),
     (["--train.steps", "0"], "≥ 1"),
+    (["--train.itc_sigma_scale", "0"], "itc_sigma_scale must be in (0, 1]"),
+    (["--train.itc_sigma_scale", "1.5"], "itc_sigma_scale must be in (0, 1]"),
 ])
 def test_errors_are_one_line(argv, needle):
     with pytest.raises(C.ConfigError) as e:

@@ -245,3 +245,58 @@ def test_joint_forward_under_per_block_compile_matches_eager():
     assert c0 == c1 == 1
     assert torch.allclose(p0, p1, atol=1e-4) and a1 == pytest.approx(a0, rel=1e-4)
     assert torch.allclose(h0, h1, rtol=1e-3, atol=1e-5) and torch.allclose(x0, x1, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.25])
+def test_itc_sigma_scale_gives_the_itc_copy_a_lower_noise_level(scale):
+    """train.itc_sigma_scale: the trainer hands ITC its copy of the batch at σ·scale on the line from the clean
+    latents to the same noise (1: no view, the flow loss's own x_t); the flow loss's inputs are unchanged."""
+    from types import SimpleNamespace
+
+    from fluxtrain.config import Config
+    from fluxtrain.train import forward_backward
+
+    model = _tiny_model()
+    cfg = Config()
+    cfg.train.itc_sigma_scale, cfg.data.caption_dropout = scale, 0.0
+    b, c = 4, model.config.in_channels // 4
+    g = torch.Generator().manual_seed(2)
+    mean = torch.randn(b, c, 8, 8, generator=g)
+    d, dp = model.config.joint_attention_dim, model.config.pooled_projection_dim
+    seq, pooled = torch.randn(b, 6, d, generator=g), torch.randn(b, dp, generator=g)
+    enc = SimpleNamespace(inputs=lambda _b: (mean, torch.zeros_like(mean), seq, pooled),  # std 0: x0 is the mean
+                          empty=lambda: (torch.zeros(1, 6, d), torch.zeros(1, dp)))
+    seen = {}
+
+    class Recorder:  # stands in for ITCObjective: what the trainer hands it
+        def forward(self, model, inputs, e_seq, e_pooled, caption_pooled, view=None):
+            seen.update(inputs=inputs, view=view)
+            return model(**inputs)[0], inputs["hidden_states"].sum() * 0.0
+
+    forward_backward(model, enc, {"indices": torch.arange(b)}, cfg, torch.device("cpu"), 0, 0, 1.0, Recorder())
+    inputs, view = seen["inputs"], seen["view"]
+    if scale == 1.0:
+        assert view is None
+        return
+    sigma, x0 = inputs["timestep"], flow.pack(mean)
+    assert torch.allclose(view["timestep"], sigma * scale)
+    s = sigma.view(-1, 1, 1)
+    noise = (inputs["hidden_states"] - (1 - s) * x0) / s  # the flow loss's noise, recovered from its x_t
+    assert torch.allclose(view["hidden_states"], (1 - s * scale) * x0 + s * scale * noise, atol=1e-5)
+    assert not torch.allclose(view["hidden_states"], inputs["hidden_states"], atol=1e-3)
+
+
+def test_a_view_sets_the_itc_copys_inputs_and_leaves_the_prediction():
+    """ITCObjective.forward with a view: the captioned half's prediction is the model's on `inputs`; the ITC loss is
+    that of the empty-prompt forward at the view's latents and timestep (joint and separate forwards agree)."""
+    model = _tiny_model()
+    itc = _itc_objective(model)
+    inputs, pooled, e_seq, e_pooled = _itc_batch(model, seed=9)
+    view = dict(hidden_states=inputs["hidden_states"] * 0.5, timestep=inputs["timestep"] * 0.5)
+    with torch.no_grad():
+        p0, a0 = itc.forward(model, inputs, e_seq, e_pooled, pooled)
+        p1, a1 = itc.forward(model, inputs, e_seq, e_pooled, pooled, view)
+        a2 = itc.loss(model, inputs, e_seq, e_pooled, pooled, view)
+    assert torch.allclose(p0, p1, atol=1e-5)
+    assert a1.item() == pytest.approx(a2.item(), rel=1e-5)
+    assert a1.item() != pytest.approx(a0.item(), rel=1e-4)
