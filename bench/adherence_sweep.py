@@ -247,8 +247,8 @@ def main() -> int:
 
 def data_ahead(a, resolutions: list[int]) -> subprocess.Popen:
     """This script with --data-only for --next-data-seed, niced, so that the training runs keep their CPU time."""
-    cmd = ["nice", "-n", "19", sys.executable, __file__, "--data-only", "--work", str(Path(a.work).resolve()), "--data", a.data,
-           "--num", str(a.num), "--chunks", str(a.chunks), "--data-seed", str(a.next_data_seed),
+    cmd = ["nice", "-n", "19", sys.executable, __file__, "--data-only", "--work", str(Path(a.work).resolve()),
+           "--data", a.data, "--num", str(a.num), "--chunks", str(a.chunks), "--data-seed", str(a.next_data_seed),
            "--variants"] + [f"r{r}=--res {r}" for r in resolutions]
     return subprocess.Popen(cmd, stdout=open(Path(a.work) / "data-ahead.log", "w"), stderr=subprocess.STDOUT,
                             cwd=AA.ROOT)

@@ -135,7 +135,8 @@ def main() -> int:
         e_seq, e_pooled = text([""])
     empty = (e_seq.float(), e_pooled.float())
     g = torch.Generator().manual_seed(a.seed)
-    noise = {k: torch.randn(flow.pack(d["lat"]).shape, generator=g).to(dev) for k, d in (("train", train), ("test", test))}
+    noise = {k: torch.randn(flow.pack(d["lat"]).shape, generator=g).to(dev)
+             for k, d in (("train", train), ("test", test))}
     # the trainer's σ draws at this side (train.timestep_sampling = logit_normal, shifted): how often each σ is exceeded
     tokens = (train["lat"].shape[-2] // 2) * (train["lat"].shape[-1] // 2)
     draws = flow.sigmas_from_draws(torch.randn(100_000, generator=g), torch.rand(100_000, generator=g), tokens,

@@ -127,7 +127,8 @@ def forward_backward(model, enc: Encoders, batch: dict, cfg: C.Config, device, s
         view = None
         if tc.itc_sigma_scale < 1:  # its copy of the batch at a lower noise level, where the caption can be read
             s = sigma * tc.itc_sigma_scale
-            view = dict(hidden_states=flow.noisy_input(x0, noise, s).to(x_t.dtype), timestep=s.to(device, torch.float32))
+            view = dict(hidden_states=flow.noisy_input(x0, noise, s).to(x_t.dtype),
+                        timestep=s.to(device, torch.float32))
         pred, aux = itc.forward(model, inputs, e_seq, e_pooled, caption_pooled, view)
     loss = flow.flow_loss(pred, flow.target(x0, noise), sigma, tc.loss_weighting)
     if tc.inject_nan_at_step == step and rank == tc.inject_nan_rank:
