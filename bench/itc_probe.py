@@ -21,7 +21,6 @@ import math
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,15 +30,15 @@ from fluxtrain import flow  # noqa: E402
 from fluxtrain.itc import capture_block_output, head_for, itc_loss, pooled_image_features  # noqa: E402
 
 
-def load(a) -> tuple[torch.nn.Module, object, object, int]:
-    """(transformer, text encoders, VAE, T5 length): an export, or a preset's random weights with tiny encoders."""
+def load(a) -> tuple[torch.nn.Module, object, object]:
+    """(transformer, text encoders, VAE): an export, or a preset's random weights with tiny encoders."""
     from fluxtrain.models.encoders import Autoencoder, TextEncoders
 
     if a.model:
         from fluxtrain.sample import load_for_inference
 
-        model, text, vae, trained = load_for_inference(a.model, torch.device(a.device))
-        return model.float().eval(), text, vae, trained.max_text_tokens
+        model, text, vae, _ = load_for_inference(a.model, torch.device(a.device))
+        return model.float().eval(), text, vae
     from fluxtrain.models.flux import build_transformer, init_weights
     from fluxtrain.models.presets import transformer_kwargs
     from fluxtrain.models.tiny import tiny_folder
@@ -47,27 +46,25 @@ def load(a) -> tuple[torch.nn.Module, object, object, int]:
     folder = Path(a.encoders) if a.encoders else tiny_folder()
     model = build_transformer(a.preset, device="cpu")
     init_weights(model, transformer_kwargs(a.preset), seed=a.seed)
-    return (model.to(a.device).eval(), TextEncoders(folder, max_tokens=24).to(a.device),
-            Autoencoder(folder).to(a.device), 24)
+    text, vae = TextEncoders(folder, max_tokens=24), Autoencoder(folder)
+    return model.to(a.device).eval(), text.to(a.device), vae.to(a.device)
 
 
 @torch.no_grad()
 def scenes(n: int, size: int, seed: int, text, vae, device) -> dict:
-    """n synthetic scenes: latents (posterior mean), T5 seq, CLIP pooled, captions."""
+    """n synthetic scenes: latents (posterior mean), CLIP pooled (ITC's text side), captions."""
+    from fluxtrain.data.loader import to_pixels
     from fluxtrain.data.synthetic import SyntheticShapes
 
     src = SyntheticShapes(size, complex_frac=0.5, seed=seed)
     items = [src[i] for i in range(n)]
     caps = [it["caption"] for it in items]
-    px = torch.stack([torch.from_numpy(np.asarray(it["image"].convert("RGB"), dtype=np.float32)).permute(2, 0, 1)
-                      for it in items]) / 127.5 - 1
-    lat, seq, pooled = [], [], []
+    px = to_pixels([it["image"] for it in items])
+    lat, pooled = [], []
     for i in range(0, n, 128):
         lat.append(vae.moments(px[i:i + 128].to(device))[0].float())
-        s, p = text(caps[i:i + 128])
-        seq.append(s.float())
-        pooled.append(p.float())
-    return dict(lat=torch.cat(lat), seq=torch.cat(seq), pooled=torch.cat(pooled), captions=caps)
+        pooled.append(text(caps[i:i + 128])[1].float())
+    return dict(lat=torch.cat(lat), pooled=torch.cat(pooled), captions=caps)
 
 
 @torch.no_grad()
@@ -125,7 +122,7 @@ def main() -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default="itc_probe.json")
     a = ap.parse_args()
-    model, text, vae, _ = load(a)
+    model, text, vae = load(a)
     dev = torch.device(a.device)
     cap = capture_block_output(model, -1, kind="double")
     cap.enabled = False
