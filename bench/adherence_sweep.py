@@ -143,13 +143,18 @@ def main() -> int:
     def data_dir(r: int) -> Path:  # keyed by the data seed, so that a warm-started stage's scenes are fresh
         return work / f"r{r}-d{a.data_seed}"
 
-    work.mkdir(parents=True, exist_ok=True)
-    resolutions = sorted({r for r, _ in variants.values()})
-    only = (a.data.replace("clean", "noisy"),)  # the noisy set that --data is, or is cleaned from
-    if a.data_only:
+    def make_data() -> dict:  # every resolution's data at once (the noisy set that --data is, or is cleaned from)
+        only = (a.data.replace("clean", "noisy"),)
         for r in resolutions:
             data_dir(r).mkdir(parents=True, exist_ok=True)
-            print(json.dumps({r: AA.make_data(data_dir(r), a.num, a.chunks, r, only, a.data_seed)}), flush=True)
+        with ThreadPoolExecutor(len(resolutions)) as ex:
+            made = ex.map(lambda r: AA.make_data(data_dir(r), a.num, a.chunks, r, only, a.data_seed), resolutions)
+            return dict(zip(resolutions, made))
+
+    work.mkdir(parents=True, exist_ok=True)
+    resolutions = sorted({r for r, _ in variants.values()})
+    if a.data_only:
+        print(json.dumps(make_data()), flush=True)
         return 0
     out.mkdir(parents=True, exist_ok=True)
     import torch
@@ -160,11 +165,7 @@ def main() -> int:
     t0 = time.time()
     AA.resolve_encoders(a, work)
     warm = AA.warm_compile_cache(a, work, gpus, with_itc=False) if compile_ else []
-    for r in resolutions:
-        data_dir(r).mkdir(parents=True, exist_ok=True)
-    with ThreadPoolExecutor(len(resolutions)) as ex:  # the resolutions' data at once
-        made = ex.map(lambda r: AA.make_data(data_dir(r), a.num, a.chunks, r, only, a.data_seed), resolutions)
-        cleaning = dict(zip(resolutions, made))
+    cleaning = make_data()
     AA.run_all([AA.cache_cmd(a, data_dir(r), a.data, r, AA.gpu_env(i, gpus)) for i, r in enumerate(resolutions)
                 if not (data_dir(r) / f"cache-{a.data}" / "manifest.json").is_file()])
     data_s = time.time() - t0
