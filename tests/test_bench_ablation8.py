@@ -13,12 +13,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _repo(tmp_path: Path) -> Path:
-    """A scratch copy of the two scripts, a .whl/ with one stand-in wheel and a git dir (chain_prep writes its
-    exclude)."""
+def _repo(tmp_path: Path, script: str = "gpu_ablation8.sh") -> Path:
+    """A scratch copy of chain_prep.sh and the ablation script, a .whl/ with one stand-in wheel and a git dir
+    (chain_prep writes its exclude)."""
     repo = tmp_path / "repo"
     (repo / "bench").mkdir(parents=True)
-    for f in ("chain_prep.sh", "gpu_ablation8.sh"):
+    for f in ("chain_prep.sh", script):
         shutil.copy(ROOT / "bench" / f, repo / "bench" / f)
     (repo / ".whl").mkdir()
     (repo / ".whl" / "x-1.0-py3-none-any.whl").write_bytes(b"")
@@ -49,8 +49,8 @@ def _stage_dir(tmp_path: Path, with_json_in_parts: bool, json_beside: bool) -> P
     return d
 
 
-def _run(repo: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "BASE_DIR": str(repo / "base")}  # not the device's /tmp/base
+def _run(repo: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "BASE_DIR": str(repo / "base"), **env}  # not the device's /tmp/base
     return subprocess.run(["bash", *args], cwd=repo, capture_output=True, text=True, timeout=60, env=env)
 
 

@@ -3,38 +3,30 @@ on the warm machine; BASE=chain: the carried parts). Its checks run before anyth
 with stand-in bases; a stub bench/gpu_env.sh ends the script where the GPU part would start."""
 
 import json
-import os
 import shutil
-import subprocess
 from pathlib import Path
 
-from tests.test_bench_ablation8 import ROOT, _stage_dir
+from tests.test_bench_ablation8 import _repo as _repo8
+from tests.test_bench_ablation8 import _run as _run8
+from tests.test_bench_ablation8 import _stage_dir
 
 
 def _repo(tmp_path: Path) -> Path:
-    repo = tmp_path / "repo"
-    (repo / "bench").mkdir(parents=True)
-    for f in ("chain_prep.sh", "gpu_ablation9.sh"):
-        shutil.copy(ROOT / "bench" / f, repo / "bench" / f)
+    repo = _repo8(tmp_path, "gpu_ablation9.sh")
     (repo / "bench" / "gpu_env.sh").write_text("exit 0\n")  # sourced: the script stops where the GPU work begins
-    (repo / ".whl").mkdir()
-    (repo / ".whl" / "x-1.0-py3-none-any.whl").write_bytes(b"")
-    (repo / ".git" / "info").mkdir(parents=True)
     return repo
 
 
-def _run(repo: Path, script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
-    e = {**os.environ, "BASE_DIR": str(repo / "base"), "WARM_DIR": str(repo / "warm-out"), **env}
-    return subprocess.run(["bash", script, *args], cwd=repo, capture_output=True, text=True, timeout=60, env=e)
+def _run(repo: Path, *args: str, **env: str):
+    return _run8(repo, *args, WARM_DIR=str(repo / "warm-out"), **env)  # not the device's /tmp/warm-out
 
 
-def _warm_export(repo: Path, with_json: bool) -> Path:
+def _warm_export(repo: Path) -> Path:
+    """gpu_chain.sh's export on a warm machine, before its fluxtrain.json (a test adds it)."""
     w = repo / "warm-out"
     w.mkdir()
     (w / "model_index.json").write_text("{}")
     (w / ".stage").write_text("2 deep 64 complex_clean\n")
-    if with_json:
-        (w / "fluxtrain.json").write_text('{"max_text_tokens": 24}')
     return w
 
 
@@ -47,7 +39,7 @@ def test_the_warm_base_is_copied_with_its_length_and_stays_for_the_next_seed(tmp
     repo = _repo(tmp_path)
     r = _run(repo, "bench/gpu_ablation9.sh", BASE="warm")
     assert r.returncode == 2 and "BASE=warm: no export in" in r.stderr  # a machine given back since the chain
-    w = _warm_export(repo, with_json=False)
+    w = _warm_export(repo)
     r = _run(repo, "bench/gpu_ablation9.sh", BASE="warm")
     assert r.returncode == 2 and "the base has no fluxtrain.json" in r.stderr
     (w / "fluxtrain.json").write_text('{"max_text_tokens": 24}')
