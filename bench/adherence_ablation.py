@@ -148,8 +148,11 @@ def resolve_encoders(a, work: Path) -> None:
 
 def warm_compile_cache(a, work: Path, gpus: int, with_itc: bool = True) -> list[subprocess.Popen]:
     """A few compiled steps without and (with_itc) with ITC (the same shapes as the runs, on-the-fly synthetic data)
-    while the data sets are made, so the runs start from inductor's on-disk caches instead of compiling for a minute."""
+    while the data sets are made, so the runs start from inductor's on-disk caches instead of compiling for a minute.
+    With --base the model is the base's (its folder's config gives the shape): v9 warmed the `small` preset up for a
+    `deep` base, and its ITC arms compiled on their own."""
     procs = []
+    base = ["--model.pretrained", a.base] if getattr(a, "base", None) else []  # (the sweep has no --base)
     modes = ([(0.0, "default")] + ([(a.itc_weight, "default")] if with_itc else [])
              + ([(0.0, "reduce-overhead")] if a.cuda_graphs else []))
     for i, (itc, mode) in enumerate(modes):
@@ -157,7 +160,7 @@ def warm_compile_cache(a, work: Path, gpus: int, with_itc: bool = True) -> list[
               "--data.caption_dropout", str(a.caption_dropout), "--train.steps", "12", "--train.batch_size",
               str(a.batch), "--train.output_dir", str(work / f"warm{i}"), "--checkpoint.interval", "1000",
               "--eval.interval", "0", "--log.interval", "4", "--train.itc_weight", str(itc),
-              "--train.compile_mode", mode] + common_overrides(a, True)
+              "--train.compile_mode", mode] + base + common_overrides(a, True)
         env = {**os.environ, **gpu_env(i, gpus)}
         procs.append(subprocess.Popen(PY + ov, env=env, cwd=ROOT, stdout=open(work / f"warm{i}.log", "w"),
                                       stderr=subprocess.STDOUT))

@@ -9,8 +9,16 @@
 #   2+ GPUs:   SEED="0 1" bash bench/gpu_ablation9.sh  (all runs at once, round-robin over the GPUs)
 # Fine-tuning lr LR (default 1e-4) → 0 over STEPS (1,000), a 5-minute guard per run (MAX_MIN). v8 fine-tuned at
 # 2.5e-4 and every arm ended below its base; a gentler lr keeps more of it.
+# DATA_ONLY=1 ENCODERS=DIR: the arms' data sets made and cached, nothing trained: gpu_chain.sh's last stage starts
+# this in the background (niced), so that the ablation call after it finds them (v9's first call spent 80 s on them).
+# The encoders are the chain's, frozen through it: the base's own.
 set -u
 B=${BASE_DIR:-/tmp/base}  # where the base is unpacked or moved
+if [ "${DATA_ONLY:-0}" = 1 ]; then
+  [ -f "${ENCODERS:-}/model_index.json" ] || { echo "DATA_ONLY=1 needs ENCODERS=<a folder with the base's text" \
+    "encoders and VAE> (got '${ENCODERS:-}')" >&2; exit 2; }
+  MODEL=(--encoders "$ENCODERS" --data-only) OUT=${OUT_AHEAD:-/tmp/abl-ahead}
+else
 case "${BASE:-}" in
   warm)
     W=${WARM_DIR:-/tmp/warm-out}
@@ -32,11 +40,14 @@ esac
 [ -f "$B/fluxtrain.json" ] || { echo "the base has no fluxtrain.json (its T5 length): put the one of its run into" \
   "the parts' folder and rerun bench/chain_prep.sh" >&2; exit 2; }
 rm -f "$B/.stage"
+MODEL=(--base "$B")
+fi
 source bench/gpu_env.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-timeout ${LIMIT:-560} python3 bench/adherence_ablation.py --work /tmp/abl --out "$OUT" --base "$B" \
+timeout ${LIMIT:-560} python3 bench/adherence_ablation.py --work ${ABL_WORK:-/tmp/abl} --out "$OUT" "${MODEL[@]}" \
   --seeds ${SEED:-0} --lr ${LR:-1e-4} --steps ${STEPS:-1000} --max-minutes ${MAX_MIN:-5} --num ${NUM:-24000} \
   --chunks 16 --cuda-graphs --eval-seeds ${EVAL_SEEDS:-0 1} ${EXTRA:-} 2>&1 \
   | grep -v "UserWarning\|warnings.warn\|Loading weights" | tail -24
-cd /tmp/abl && tar czf "$OUT/logs.tgz" train-*.log eval-*.log runs/*/metrics.jsonl evals/*.json 2>/dev/null
-cp /tmp/abl/evals/all-s*-e0-failures.png "$OUT/" 2>/dev/null; ls -la "$OUT"
+[ "${DATA_ONLY:-0}" = 1 ] && exit 0
+cd ${ABL_WORK:-/tmp/abl} && tar czf "$OUT/logs.tgz" train-*.log eval-*.log runs/*/metrics.jsonl evals/*.json 2>/dev/null
+cp ${ABL_WORK:-/tmp/abl}/evals/all-s*-e0-failures.png "$OUT/" 2>/dev/null; ls -la "$OUT"

@@ -65,3 +65,50 @@ def test_the_chain_base_is_unpacked_from_the_carried_parts(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "stage 2 (small 64)" in r.stdout
     assert (repo / "base" / "model_index.json").is_file() and (repo / "base" / "fluxtrain.json").is_file()
+
+
+def _stub_python(repo: Path) -> None:
+    """gpu_env.sh puts a python3 first on PATH that prints its arguments, one per line, instead of running them."""
+    stub = repo / "stub"
+    stub.mkdir()
+    (stub / "python3").write_text('#!/bin/sh\nfor x in "$@"; do echo "ARG $x"; done\n')
+    (stub / "python3").chmod(0o755)
+    (repo / "bench" / "gpu_env.sh").write_text(f'export PATH="{stub}:$PATH"\n')
+
+
+def _args(out: str) -> list[str]:
+    return [line[4:] for line in out.splitlines() if line.startswith("ARG ")]
+
+
+def test_the_data_made_ahead_is_the_data_the_ablation_call_takes(tmp_path):
+    """DATA_ONLY=1 (started by gpu_chain.sh's last stage) must make the same sets in the same work folder with the
+    same draw as the BASE=warm call after it, or that call makes them again (or refuses the folder: make_data's
+    stamp). It differs only in the model (encoders, no base), --data-only and its own --out."""
+    repo = _repo(tmp_path)
+    r = _run(repo, "bench/gpu_ablation9.sh", DATA_ONLY="1")
+    assert r.returncode == 2 and "DATA_ONLY=1 needs ENCODERS=" in r.stderr
+    _stub_python(repo)
+    w = _warm_export(repo)
+    (w / "fluxtrain.json").write_text('{"max_text_tokens": 24}')
+    env = dict(ABL_WORK=str(tmp_path / "abl"), OUT=str(tmp_path / "out"), OUT_AHEAD=str(tmp_path / "ahead"))
+    ahead = _run(repo, "bench/gpu_ablation9.sh", DATA_ONLY="1", ENCODERS=str(w), **env)
+    assert ahead.returncode == 0, ahead.stderr
+    call = _run(repo, "bench/gpu_ablation9.sh", BASE="warm", **env)
+    assert call.returncode == 0, call.stderr
+    a, c = _args(ahead.stdout), _args(call.stdout)
+    assert a[0] == c[0] == "bench/adherence_ablation.py"
+
+    def opts(args: list[str]) -> dict[str, list[str]]:
+        d, key = {}, None
+        for x in args[1:]:
+            if x.startswith("--"):
+                key = x
+                d[key] = []
+            else:
+                d[key].append(x)
+        return d
+
+    oa, oc = opts(a), opts(c)
+    assert oa.pop("--encoders") == [str(w)] and oa.pop("--data-only") == [] and oa.pop("--out") == [str(tmp_path / "ahead")]
+    assert oc.pop("--base") == [str(repo / "base")] and oc.pop("--out") == [str(tmp_path / "out")]
+    assert oa == oc and oa["--work"] == [str(tmp_path / "abl")] and oa["--num"] == ["24000"]
