@@ -86,11 +86,13 @@ def itc_loss(head: ITCHead, img_feats: torch.Tensor, txt_feats: torch.Tensor, ga
     Returns a 0-dim float32 loss (0, with a graph, if fewer than two valid rows).
     """
     zi, zt = head(img_feats, txt_feats)
-    v = torch.ones(zi.shape[0], dtype=torch.bool, device=zi.device) if valid is None else valid.to(zi.device).bool()
-    if gather and _world() > 1:
+    gather = gather and _world() > 1
+    if gather:
         zi, zt = _gather(zi), _gather(zt)
-        v = _gather(v.to(torch.uint8)).bool()
-    zi, zt = zi[v], zt[v]
+    if valid is not None:  # (a boolean index makes the host wait for the device: only where rows are left out)
+        v = valid.to(zi.device).bool()
+        v = _gather(v.to(torch.uint8)).bool() if gather else v
+        zi, zt = zi[v], zt[v]
     n = zi.shape[0]
     if n < 2:
         return (zi.sum() + zt.sum() + head.logit_scale.float().sum()) * 0.0
@@ -244,8 +246,16 @@ class ITCObjective:
         feats = pooled_image_features(block_out)
         return self.weight * itc_loss(self.head, feats.float(), pooled.float(), gather=True)
 
-    def step(self) -> None:
-        torch.nn.utils.clip_grad_norm_([p for p in self.head.parameters() if p.grad is not None], 1.0)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+    def step(self, skip: bool | torch.Tensor = False) -> None:
+        """The head's step, skipped where the model's was (a non-finite model gradient): `skip` is a bool, or the
+        device flag of the model's fused AdamW (train.QueuedStep: the host has not read the norm yet), which the
+        head's fused AdamW reads the same way. The schedule advances either way, as the model's does."""
+        if isinstance(skip, torch.Tensor):
+            self.opt.found_inf = skip
+        if skip is True:
+            self.opt.zero_grad(set_to_none=True)
+        else:
+            torch.nn.utils.clip_grad_norm_([p for p in self.head.parameters() if p.grad is not None], 1.0)
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
         self.sched.step()

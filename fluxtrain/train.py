@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -28,6 +29,15 @@ from fluxtrain.sample import text_length_warning
 
 class NonFiniteError(RuntimeError):
     pass
+
+
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A batch's host tensor to the GPU without waiting there: a copy from pageable memory makes the host wait for
+    all the work queued before it (the last step's), a pinned one does not (PyTorch's pinned-memory cache keeps the
+    buffer until its copy is done)."""
+    if torch.device(device).type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def sample_noise(indices: torch.Tensor, seed: int, lat_shape, image_seq_len: int, tc: C.TrainConfig,
@@ -83,9 +93,9 @@ class Encoders:
     def inputs(self, batch: dict) -> tuple[torch.Tensor, ...]:
         """(latent mean, latent std, T5 seq, CLIP pooled) of a batch, from the cache or the encoders."""
         if "latent_mean" in batch:
-            return tuple(batch[k].to(self.device).float() for k in ("latent_mean", "latent_std", "seq", "pooled"))
+            return tuple(to_device(batch[k], self.device).float() for k in ("latent_mean", "latent_std", "seq", "pooled"))
         seq, pooled = self.text(batch["captions"])
-        mean, std = self.vae.moments(batch["pixels"].to(self.device))
+        mean, std = self.vae.moments(to_device(batch["pixels"], self.device))
         return mean, std, seq, pooled
 
     def empty(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,7 +118,7 @@ def forward_backward(model, enc: Encoders, batch: dict, cfg: C.Config, device, s
     mean, std, seq, pooled = enc.inputs(batch)
     lat_h, lat_w = mean.shape[-2:]
     seq_len = (lat_h // 2) * (lat_w // 2)
-    post, eps, sigma, drop = sample_noise(batch["indices"], tc.seed, tuple(mean.shape[1:]), seq_len, tc,
+    post, eps, sigma, drop = sample_noise(to_device(batch["indices"], device), tc.seed, tuple(mean.shape[1:]), seq_len, tc,
                                           cfg.data.caption_dropout, device)
     caption_pooled = pooled
     if cfg.data.caption_dropout > 0 or itc is not None:
@@ -147,19 +157,48 @@ def data_counts(data, cfg: C.Config) -> dict[str, int]:
     return row
 
 
-def clip_and_step(model, opt, sched, max_norm: float, cfg: C.Config, ema=None, step: int = 0) -> tuple[float, bool]:
+class QueuedStep:
+    """An optimizer step queued on the device, and what the host does once it reads its gradient norm (`settle`).
+
+    A plain fused AdamW skips a non-finite step by itself (`skip`, the device flag its kernel reads), so the host
+    need not wait for the norm before it queues the next step's forward and backward: the EMA update, the
+    non-finite count and the logged norm wait for `settle()`. Waiting every step left the GPU idle while the host
+    queued the next step (a small model's step is as much host time as GPU time). `settle()` must run before the
+    next optimizer step is queued: the EMA reads this step's weights. Other optimizers are settled at once."""
+
+    def __init__(self, step: int, read=None, skip=None, ema=None, model=None, done: tuple[float, bool] | None = None):
+        self.step, self._read, self.skip, self._ema, self._model, self._done = step, read, skip, ema, model, done
+        self.lagged = done is None
+
+    def settle(self) -> tuple[float, bool]:
+        """(gradient norm, finite): reads the norm (its copy started when the step was queued) and, if finite,
+        folds this step's weights into the EMA. Once."""
+        if self._done is None:
+            norm = self._read()
+            ok = math.isfinite(norm)
+            if ok and self._ema is not None:
+                self._ema.update(self._model, self.step)
+            self._done = (norm, ok)
+        return self._done
+
+
+def queue_step(model, opt, sched, max_norm: float, cfg: C.Config, ema=None, step: int = 0) -> QueuedStep:
     """Clip over the sharded gradients and step; a non-finite norm skips the step on every rank alike (the norm is
     global). A fused optimizer takes both into its kernel: the clip coefficient as `grad_scale` (no extra read and
     write of every gradient) and the skip as `found_inf` (GradScaler's route: no update, step count kept), so the
-    host queues the step before it waits for the norm and the GPU is not left idle while the host dispatches it."""
+    host queues the step without waiting for the norm (QueuedStep)."""
     total = grad_norm(model)
-    fused = bool(opt.defaults.get("fused"))
-    if fused:
+    if opt.defaults.get("fused"):
         # torch.nn.utils.clip_grads_with_norm_'s coefficient, min(1, max_norm / (total + 1e-6)), inverted
         opt.grad_scale = torch.clamp((total + 1e-6) / max_norm, min=1.0) if max_norm > 0 else None
         opt.found_inf = (~torch.isfinite(total)).float()
         read = _copy_to_host(total)
         opt.step()
+        if not hasattr(opt, "flush"):  # not offloaded: nothing else reads the weights before the next forward
+            after_optimizer_step(model, cfg)  # (fp8 scales: a skipped step's unchanged weights give the same ones)
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+            return QueuedStep(step, read, opt.found_inf, ema, model)
         norm = read()
     else:
         norm = float(total)
@@ -177,7 +216,12 @@ def clip_and_step(model, opt, sched, max_norm: float, cfg: C.Config, ema=None, s
             ema.update(model, step)
     opt.zero_grad(set_to_none=True)
     sched.step()
-    return norm, ok
+    return QueuedStep(step, skip=not ok, done=(norm, ok))
+
+
+def clip_and_step(model, opt, sched, max_norm: float, cfg: C.Config, ema=None, step: int = 0) -> tuple[float, bool]:
+    """queue_step, settled at once: (gradient norm, whether the step was taken)."""
+    return queue_step(model, opt, sched, max_norm, cfg, ema, step).settle()
 
 
 def grad_norm(model) -> torch.Tensor:
@@ -289,7 +333,27 @@ def _train(cfg: C.Config, D: pmesh.Dist, run_dir: Path, log) -> dict:
     thr = Throughput(flux_flops_per_sample(model_kwargs(cfg), (lat // 2) ** 2, cfg.model.max_text_tokens),
                      tokens, D.world_size, D.device)
     progress = Progress(cfg.log.progress, tc.steps, start, enabled=D.is_main)
-    nonfinite_run, loss_val, gnorm = 0, float("nan"), float("nan")
+    nonfinite_run, loss_val, gnorm, ok = 0, float("nan"), float("nan"), True
+    pending: QueuedStep | None = None  # the last optimizer step, its norm not read yet
+    settle_now = os.environ.get("FLUXTRAIN_TEST_SETTLE_EVERY_STEP") == "1"  # test hook: the reference schedule
+
+    def settle() -> None:
+        """The pending step's norm read (at most a step late): its EMA update, the non-finite count."""
+        nonlocal pending, gnorm, ok, nonfinite_run
+        if pending is None:
+            return
+        (gnorm, ok), at, pending = pending.settle(), pending.step, None
+        if ok:
+            nonfinite_run = 0
+            return
+        nonfinite_run += 1
+        counters["nonfinite_total"] += 1
+        log.warning(f"step {at}: non-finite gradient norm ({gnorm}); optimizer step skipped on every rank")
+        metrics.event(at, "nonfinite", grad_norm=str(gnorm), total=counters["nonfinite_total"])
+        if nonfinite_run >= tc.max_nonfinite_steps:
+            raise NonFiniteError(f"{nonfinite_run} non-finite steps in a row (train.max_nonfinite_steps): "
+                                 f"lower optim.lr or check the data; resume from the last checkpoint")
+
     step, stopping = start, False
     model.train()
     for step in range(start + 1, tc.steps + 1):
@@ -303,43 +367,41 @@ def _train(cfg: C.Config, D: pmesh.Dist, run_dir: Path, log) -> dict:
             if hasattr(model, "set_requires_gradient_sync"):
                 model.set_requires_gradient_sync(micro == tc.grad_accum - 1)
             losses.append(forward_backward(model, enc, batch, cfg, D.device, step, D.rank, 1.0 / tc.grad_accum, itc))
-        # an async save may still be copying weights and optimizer state: that must end before the optimizer step
+        # an async save may still be copying weights, optimizer state and EMA: that must end before they change
         ckpt.staged()
-        gnorm, ok = clip_and_step(model, opt, sched, cfg.optim.grad_clip, cfg, ema, step)
+        settle()  # the last step's, with this step's forward and backward already queued behind it
+        pending = queue_step(model, opt, sched, cfg.optim.grad_clip, cfg, ema, step)
         if itc is not None:
-            itc.step() if ok else itc.opt.zero_grad(set_to_none=True)
+            itc.step(pending.skip)
         if step == start + 1:  # every optimizer state exists now (the ITC head's too): pin the checkpoint buffers
             ckpt.prepare(model, opt, sched)
-        loss_val = mean_over_ranks(torch.stack(losses).mean())
+        loss = torch.stack(losses).mean()  # read only for a log row: a read waits for the device
         counters["samples_seen"] += tc.batch_size * tc.grad_accum * D.world_size
         thr.add(tc.batch_size * tc.grad_accum * D.world_size, data_wait)
-        if not ok:
-            nonfinite_run += 1
-            counters["nonfinite_total"] += 1
-            log.warning(f"step {step}: non-finite gradient norm ({gnorm}); optimizer step skipped on every rank")
-            metrics.event(step, "nonfinite", grad_norm=str(gnorm), total=counters["nonfinite_total"])
-            if nonfinite_run >= tc.max_nonfinite_steps:
-                raise NonFiniteError(f"{nonfinite_run} non-finite steps in a row (train.max_nonfinite_steps): "
-                                     f"lower optim.lr or check the data; resume from the last checkpoint")
-        else:
-            nonfinite_run = 0
-        if step % cfg.log.interval == 0 or step == tc.steps:
+        logging = step % cfg.log.interval == 0 or step == tc.steps
+        evaluating = bool(cfg.eval.interval) and step % cfg.eval.interval == 0
+        if settle_now or not pending.lagged or logging or evaluating:  # the row's norm and count, the grid's EMA
+            settle()
+        if logging:
+            loss_val = mean_over_ranks(loss)
             row = {"loss": loss_val, "lr": sched.get_last_lr()[0], "grad_norm": gnorm if ok else None,
                    **thr.report(cfg.log.interval), **memory_stats(D.device), **data_counts(data, cfg),
                    "nonfinite_steps": counters["nonfinite_total"]}
             metrics.log(step, row)
             progress.update(step, row)
-        if cfg.eval.interval and step % cfg.eval.interval == 0:
+        if evaluating:
             _sample_grid(model, enc, cfg, run_dir, step, D, metrics, ema)
         _test_fault_hooks(step, D.rank)
         # a signal may reach one rank only (Slurm, kill): agree on it so every rank saves and exits together
         stopping = _any_rank(stop["signal"] is not None)
         if step % cfg.checkpoint.interval == 0 or step == tc.steps or stopping:
+            settle()  # the checkpoint holds this step's EMA and non-finite count
             extra = {"data": data.state_dict(), **counters}
             ckpt.save(step, model, opt, sched, extra, async_ok=not (step == tc.steps or stopping))
         else:
             ckpt.poll()  # a finished async save is published now, not at the next save
         if stopping:
+            loss_val = mean_over_ranks(loss)
             log.info(f"stop signal: checkpoint written at step {step}, exiting for a resume")
             metrics.event(step, "preempted")
             break
@@ -369,8 +431,6 @@ def _any_rank(flag: bool) -> bool:
 def _test_fault_hooks(step: int, rank: int) -> None:
     """Fault injection for the resume tests (environment variables, off unless set): SIGKILL or SIGTERM this
     process at a step, on the first launch only (torchrun restarts count up TORCHELASTIC_RESTART_COUNT)."""
-    import os
-
     env = os.environ
     if env.get("TORCHELASTIC_RESTART_COUNT", "0") != "0" or int(env.get("FLUXTRAIN_TEST_FAULT_RANK", "0")) != rank:
         return
