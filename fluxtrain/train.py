@@ -93,7 +93,8 @@ class Encoders:
     def inputs(self, batch: dict) -> tuple[torch.Tensor, ...]:
         """(latent mean, latent std, T5 seq, CLIP pooled) of a batch, from the cache or the encoders."""
         if "latent_mean" in batch:
-            return tuple(to_device(batch[k], self.device).float() for k in ("latent_mean", "latent_std", "seq", "pooled"))
+            keys = ("latent_mean", "latent_std", "seq", "pooled")
+            return tuple(to_device(batch[k], self.device).float() for k in keys)
         seq, pooled = self.text(batch["captions"])
         mean, std = self.vae.moments(to_device(batch["pixels"], self.device))
         return mean, std, seq, pooled
@@ -118,8 +119,8 @@ def forward_backward(model, enc: Encoders, batch: dict, cfg: C.Config, device, s
     mean, std, seq, pooled = enc.inputs(batch)
     lat_h, lat_w = mean.shape[-2:]
     seq_len = (lat_h // 2) * (lat_w // 2)
-    post, eps, sigma, drop = sample_noise(to_device(batch["indices"], device), tc.seed, tuple(mean.shape[1:]), seq_len, tc,
-                                          cfg.data.caption_dropout, device)
+    post, eps, sigma, drop = sample_noise(to_device(batch["indices"], device), tc.seed, tuple(mean.shape[1:]),
+                                          seq_len, tc, cfg.data.caption_dropout, device)
     caption_pooled = pooled
     if cfg.data.caption_dropout > 0 or itc is not None:
         e_seq, e_pooled = enc.empty()

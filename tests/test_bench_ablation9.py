@@ -109,6 +109,7 @@ def test_the_data_made_ahead_is_the_data_the_ablation_call_takes(tmp_path):
         return d
 
     oa, oc = opts(a), opts(c)
-    assert oa.pop("--encoders") == [str(w)] and oa.pop("--data-only") == [] and oa.pop("--out") == [str(tmp_path / "ahead")]
+    assert oa.pop("--encoders") == [str(w)] and oa.pop("--data-only") == []
+    assert oa.pop("--out") == [str(tmp_path / "ahead")]
     assert oc.pop("--base") == [str(repo / "base")] and oc.pop("--out") == [str(tmp_path / "out")]
     assert oa == oc and oa["--work"] == [str(tmp_path / "abl")] and oa["--num"] == ["24000"]
