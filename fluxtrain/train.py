@@ -46,10 +46,11 @@ def sample_noise(indices: torch.Tensor, seed: int, lat_shape, image_seq_len: int
     whatever the world size or batch split, drawn on `device` in a few vectorised ops. Returns (posterior
     noise, flow noise, σ, caption-dropout mask)."""
     n, b = math.prod(lat_shape), len(indices)
-    post = rng.normal(seed, indices, 0, n, device).view(b, *lat_shape)
-    eps = rng.normal(seed, indices, 1, n, device).view(b, *lat_shape)
-    z = rng.normal(seed, indices, 2, 1, device)[:, 0]
-    u = rng.uniform(seed, indices, 3, 2, device).float()
+    idx = indices if device is None else to_device(indices, device)  # once for the four draws, without a wait
+    post = rng.normal(seed, idx, 0, n, device).view(b, *lat_shape)
+    eps = rng.normal(seed, idx, 1, n, device).view(b, *lat_shape)
+    z = rng.normal(seed, idx, 2, 1, device)[:, 0]
+    u = rng.uniform(seed, idx, 3, 2, device).float()
     sigma = flow.sigmas_from_draws(z, u[:, 0], image_seq_len, tc.timestep_sampling, logit_mean=tc.logit_mean,
                                    logit_std=tc.logit_std, mode_scale=tc.mode_scale, shift=tc.shift)
     return post, eps, sigma, u[:, 1] < drop_p
@@ -119,8 +120,8 @@ def forward_backward(model, enc: Encoders, batch: dict, cfg: C.Config, device, s
     mean, std, seq, pooled = enc.inputs(batch)
     lat_h, lat_w = mean.shape[-2:]
     seq_len = (lat_h // 2) * (lat_w // 2)
-    post, eps, sigma, drop = sample_noise(to_device(batch["indices"], device), tc.seed, tuple(mean.shape[1:]),
-                                          seq_len, tc, cfg.data.caption_dropout, device)
+    post, eps, sigma, drop = sample_noise(batch["indices"], tc.seed, tuple(mean.shape[1:]), seq_len, tc,
+                                          cfg.data.caption_dropout, device)
     caption_pooled = pooled
     if cfg.data.caption_dropout > 0 or itc is not None:
         e_seq, e_pooled = enc.empty()
