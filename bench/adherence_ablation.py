@@ -255,13 +255,23 @@ def main() -> int:
     ap.add_argument("--ema-decay", type=float, default=0.995, help="score the EMA weights (0: the raw weights)")
     ap.add_argument("--merge", nargs="+", default=None,
                     help="ablation.json files of calls that ran different arms: write their joint table and stop")
+    ap.add_argument("--table-only", action="store_true",
+                    help="write the table from --work's runs and scores, train and score nothing: for a call cut "
+                         "short after some scores were written (runs of the chosen arms and seeds that left no folder "
+                         "are left out)")
     a = ap.parse_args()
     if a.merge:
-        joint = merge([json.loads(Path(f).read_text()) for f in a.merge], a.merge)
-        Path(a.out).mkdir(parents=True, exist_ok=True)
-        (Path(a.out) / "ablation.json").write_text(json.dumps(joint, indent=1))
-        (Path(a.out) / "ablation.md").write_text(table(joint))
-        print(table(joint))
+        write_table(merge([json.loads(Path(f).read_text()) for f in a.merge], a.merge), Path(a.out))
+        return 0
+    if a.table_only:
+        work = Path(a.work)
+        if not (work / "evals").is_dir():
+            raise SystemExit(f"--table-only: {work} has no evals/ folder: no run of it was scored")
+        runs = [(arm, seed) for arm in a.arms for seed in a.seeds if (work / "runs" / f"{arm}-s{seed}").is_dir()]
+        base = a.base if a.base or not (work / "evals" / f"{BASE_ROW}-e{a.eval_seeds[0]}.json").is_file() else "scored"
+        a.encoders = a.base or a.encoders  # as a call with --base records them (the table's head names them)
+        write_table(dict(args={k: v for k, v in vars(a).items()}, rows=work_rows(work, runs, None, base),
+                         table_only=True), Path(a.out))
         return 0
     work, out = Path(a.work), Path(a.out)
     work.mkdir(parents=True, exist_ok=True)
@@ -328,23 +338,35 @@ def main() -> int:
     (work / "evals").mkdir(exist_ok=True)
     run_all(evals)
 
+    rows = work_rows(work, runs, walls, a.base)
+    result = dict(args={k: v for k, v in vars(a).items()}, cleaning=cleaning, data_s=data_s, gpus=gpus, rows=rows,
+                  card=torch.cuda.get_device_name(0) if gpus else "CPU")
+    write_table(result, out)
+    return 0
+
+
+def work_rows(work: Path, runs: list[tuple[str, int]], walls: list | None, base) -> list[dict]:
+    """The table's rows from a work folder: each run's last step and loss (its metrics.jsonl) and its scores (evals/).
+    walls None: the runs' wall times are unknown (a call cut short before its table: --table-only)."""
     rows = []
     for i, (arm, seed) in enumerate(runs):
         run = work / "runs" / f"{arm}-s{seed}"
         ms = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] if (run / "metrics.jsonl").is_file() else []
         steps = max((m.get("step", 0) for m in ms if "loss" in m), default=0)
         loss = next((m["loss"] for m in reversed(ms) if "loss" in m), None)
-        rows.append(score_row(arm, seed, steps, walls[i], loss, work / "evals"))
+        rows.append(score_row(arm, seed, steps, walls[i] if walls else None, loss, work / "evals"))
         print(json.dumps(rows[-1]), flush=True)
-    if a.base:
+    if base:
         rows.append(score_row(BASE_ROW, "-", 0, 0.0, None, work / "evals"))
         print(json.dumps(rows[-1]), flush=True)
-    result = dict(args={k: v for k, v in vars(a).items()}, cleaning=cleaning, data_s=data_s, gpus=gpus, rows=rows,
-                  card=torch.cuda.get_device_name(0) if gpus else "CPU")
+    return rows
+
+
+def write_table(result: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
     (out / "ablation.json").write_text(json.dumps(result, indent=1))
     (out / "ablation.md").write_text(table(result))
     print(table(result))
-    return 0
 
 
 def score_row(arm: str, seed, steps: int, train_s: float, loss, evals: Path) -> dict:
@@ -386,7 +408,7 @@ def table(r: dict) -> str:
             lines.append(f"| {arm} | {len(rs)} | {[x['steps'] for x in rs]} | | no score | | | |")
             continue
         m, h = statistics.mean(cx), (max(cx) - min(cx)) / 2
-        mins = "/".join(f"{(x['train_s'] or 0) / 60:.1f}" for x in rs)
+        mins = "/".join("?" if x["train_s"] is None else f"{x['train_s'] / 60:.1f}" for x in rs)
         gain = f"{100 * (m - base_m):+.1f} pts" if base_m is not None and arm != "baseline" else "—"
         label = "base, not fine-tuned" if arm == BASE_ROW else arm
         lines.append(f"| {label} | {','.join(str(x['seed']) for x in rs)} | {'/'.join(str(x['steps']) for x in rs)} "

@@ -48,6 +48,14 @@ timeout ${LIMIT:-560} python3 bench/adherence_ablation.py --work ${ABL_WORK:-/tm
   --seeds ${SEED:-0} --lr ${LR:-1e-4} --steps ${STEPS:-1000} --max-minutes ${MAX_MIN:-5} --num ${NUM:-24000} \
   --chunks 16 --cuda-graphs --eval-seeds ${EVAL_SEEDS:-0 1} ${EXTRA:-} 2>&1 \
   | grep -v "UserWarning\|warnings.warn\|Loading weights" | tail -24
-[ "${DATA_ONLY:-0}" = 1 ] && exit 0
+RC=${PIPESTATUS[0]}
+[ "${DATA_ONLY:-0}" = 1 ] && exit "$RC"
+# Stopped by LIMIT (or failed) before its table, as the twentieth session's seed-0 call was while scoring: the table
+# of the runs and scores it left, so that no finished score is lost
+if [ "$RC" != 0 ] && [ ! -f "$OUT/ablation.json" ]; then
+  echo "the ablation stopped (rc $RC) before its table: the table of what it scored"
+  python3 bench/adherence_ablation.py --table-only --work ${ABL_WORK:-/tmp/abl} --out "$OUT" "${MODEL[@]}" \
+    --seeds ${SEED:-0} --eval-seeds ${EVAL_SEEDS:-0 1} ${EXTRA:-} 2>&1 | tail -12
+fi
 cd ${ABL_WORK:-/tmp/abl} && tar czf "$OUT/logs.tgz" train-*.log eval-*.log runs/*/metrics.jsonl evals/*.json 2>/dev/null
 cp ${ABL_WORK:-/tmp/abl}/evals/all-s*-e0-failures.png "$OUT/" 2>/dev/null; ls -la "$OUT"

@@ -113,3 +113,33 @@ def test_the_data_made_ahead_is_the_data_the_ablation_call_takes(tmp_path):
     assert oa.pop("--out") == [str(tmp_path / "ahead")]
     assert oc.pop("--base") == [str(repo / "base")] and oc.pop("--out") == [str(tmp_path / "out")]
     assert oa == oc and oa["--work"] == [str(tmp_path / "abl")] and oa["--num"] == ["24000"]
+
+
+def test_a_call_stopped_before_its_table_writes_the_table_of_what_it_scored(tmp_path):
+    """The ablation killed by LIMIT (timeout's 124) leaves no ablation.json: the script then runs --table-only on the
+    same work folder, base, seeds and extra arguments. A call that wrote its table is left alone."""
+    repo = _repo(tmp_path)
+    _stub_python(repo)
+    calls = tmp_path / "calls"  # the script shows only the tail of its python's output: the stub logs to a file
+    (repo / "stub" / "python3").write_text(f'#!/bin/sh\necho CALL >> {calls}\nfor x in "$@"; do echo "ARG $x" >> {calls}; '
+                                           'done\ncase "$*" in *--table-only*) exit 0;; esac\nexit ${STUB_RC:-0}\n')
+    w = _warm_export(repo)
+    (w / "fluxtrain.json").write_text('{"max_text_tokens": 24}')
+    env = dict(ABL_WORK=str(tmp_path / "abl"), OUT=str(tmp_path / "out"), SEED="1", EXTRA="--arms baseline all")
+    ok = _run(repo, "bench/gpu_ablation9.sh", BASE="warm", **env)
+    assert ok.returncode == 0 and calls.read_text().count("CALL") == 1
+    calls.unlink()
+    cut = _run(repo, "bench/gpu_ablation9.sh", BASE="warm", STUB_RC="124", **env)
+    assert cut.returncode == 0, cut.stderr
+    assert "stopped (rc 124) before its table" in cut.stdout
+    args = _args(calls.read_text())
+    t = args.index("--table-only")
+    first, table = args[:t - 1], args[t - 1:]
+    assert table[0] == first[0] == "bench/adherence_ablation.py"
+    for opt, n in (("--work", 1), ("--base", 1), ("--seeds", 1), ("--arms", 2), ("--eval-seeds", 2)):
+        i, j = first.index(opt), table.index(opt)
+        assert first[i:i + 1 + n] == table[j:j + 1 + n], opt
+    (tmp_path / "out" / "ablation.json").write_text("{}")  # the call wrote its table and then failed: no second table
+    calls.unlink()
+    _run(repo, "bench/gpu_ablation9.sh", BASE="warm", STUB_RC="1", **env)
+    assert calls.read_text().count("CALL") == 1 and "--table-only" not in calls.read_text()

@@ -67,3 +67,37 @@ def test_a_second_call_starts_its_runs_fresh(tmp_path):
     (tmp_path / "runs" / "all-s5").mkdir()
     assert aa.fresh_runs(tmp_path, [("all", 0), ("all", 1), ("clean", 0)]) == 1
     assert not (tmp_path / "runs" / "all-s0").exists() and (tmp_path / "runs" / "all-s5").exists()
+
+
+def test_a_call_cut_short_gets_its_table_from_the_work_folder(tmp_path):
+    """--table-only writes the table from the runs and scores a call left behind (the twentieth session's seed-0 call
+    was killed by its time limit while scoring, and wrote no table): the runs of the chosen arms and seeds that have a
+    folder, their last step and loss, their scores, the base row; wall times unknown ("?")."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    work = tmp_path / "w"
+    for run, loss in (("all-s0", 0.17), ("clean-s0", 0.15)):
+        (work / "runs" / run).mkdir(parents=True)
+        (work / "runs" / run / "metrics.jsonl").write_text("\n".join(json.dumps(m) for m in (
+            {"step": 900, "loss": 0.2}, {"step": 1000, "loss": loss}, {"step": 1000, "event": "checkpoint"})))
+    (work / "evals").mkdir()
+    for stem, cx in (("base-e0", 0.5), ("base-e1", 0.6), ("all-s0-e0", 0.75), ("all-s0-e1", 0.25),
+                     ("clean-s0-e0", 0.5)):
+        (work / "evals" / f"{stem}.json").write_text(json.dumps(
+            {"per_split": {"complex": {"pass": cx, "n": 64}, "simple": {"pass": 0.9, "n": 64}}}))
+    cli = [sys.executable, str(ROOT / "bench" / "adherence_ablation.py"), "--table-only", "--work", str(work),
+           "--out", str(tmp_path / "o"), "--seeds", "0", "1", "--arms", "clean", "all", "--base", "/tmp/base"]
+    res = subprocess.run(cli, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    r = json.loads((tmp_path / "o" / "ablation.json").read_text())
+    assert [(x["arm"], x["seed"], x["steps"], x["loss"], x["train_s"]) for x in r["rows"]] == [
+        ("clean", 0, 1000, 0.15, None), ("all", 0, 1000, 0.17, None), ("base", "-", 0, None, 0.0)]
+    assert [x["complex"] for x in r["rows"]] == [0.5, 0.5, pytest.approx(0.55)]
+    md = (tmp_path / "o" / "ablation.md").read_text()
+    assert md.startswith("Text encoders: /tmp/base") and "| clean | 0 | 1000 | ? | 50.0% |" in md
+    res = subprocess.run(cli[:4] + [str(tmp_path / "nothing")] + cli[5:], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1 and "has no evals/ folder" in res.stderr
