@@ -198,7 +198,7 @@ class ITCObjective:
 
         from fluxtrain.optim import build_optimizer, build_scheduler
 
-        self.weight = weight
+        self.weight, self.last = weight, None
         self.capture = capture_block_output(model, block_index, kind="double")
         self.capture.enabled = False
         self.head = head_for(model, text_dim).to(device)
@@ -244,7 +244,9 @@ class ITCObjective:
 
     def _loss(self, block_out: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
         feats = pooled_image_features(block_out)
-        return self.weight * itc_loss(self.head, feats.float(), pooled.float(), gather=True)
+        loss = itc_loss(self.head, feats.float(), pooled.float(), gather=True)
+        self.last = loss.detach()  # unweighted, the global batch's: the log row's itc_loss (read on log steps only)
+        return self.weight * loss
 
     def step(self, skip: bool | torch.Tensor = False) -> None:
         """The head's step, skipped where the model's was (a non-finite model gradient): `skip` is a bool, or the

@@ -389,6 +389,8 @@ def _train(cfg: C.Config, D: pmesh.Dist, run_dir: Path, log) -> dict:
             row = {"loss": loss_val, "lr": sched.get_last_lr()[0], "grad_norm": gnorm if ok else None,
                    **thr.report(cfg.log.interval), **memory_stats(D.device), **data_counts(data, cfg),
                    "nonfinite_steps": counters["nonfinite_total"]}
+            if itc is not None:  # the contrastive loss itself (chance: ln of the global batch), next to the flow loss
+                row["itc_loss"] = float(itc.last)
             metrics.log(step, row)
             progress.update(step, row)
         if evaluating:

@@ -300,3 +300,22 @@ def test_a_view_sets_the_itc_copys_inputs_and_leaves_the_prediction():
     assert torch.allclose(p0, p1, atol=1e-5)
     assert a1.item() == pytest.approx(a2.item(), rel=1e-5)
     assert a1.item() != pytest.approx(a0.item(), rel=1e-4)
+
+
+def test_the_log_rows_carry_the_unweighted_itc_loss(tmp_path):
+    """With train.itc_weight every log row has itc_loss: the contrastive loss itself, not its weighted share (a
+    fresh head's loss is near chance, ln 4 = 1.39 for a batch of 4; weighted by 0.1 it would read ~0.14). Without
+    ITC the key is absent."""
+    import math
+
+    from tests.helpers import FAST, fluxtrain, losses, metrics
+
+    for itc, out in ((0.1, tmp_path / "itc"), (0.0, tmp_path / "plain")):
+        res = fluxtrain(["train", "--config", "configs/tiny.toml", *FAST, "--train.steps", "3",
+                         "--train.batch_size", "4", "--train.itc_weight", str(itc), "--train.output_dir", str(out)])
+        assert res.returncode == 0, res.stderr[-3000:]
+    rows = [r for r in metrics(tmp_path / "itc") if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(0.5 * math.log(4) < r["itc_loss"] < 2 * math.log(4) for r in rows), [r["itc_loss"] for r in rows]
+    assert len(losses(tmp_path / "plain")) == 3
+    assert not any("itc_loss" in r for r in metrics(tmp_path / "plain"))
