@@ -152,19 +152,47 @@ def warm_compile_cache(a, work: Path, gpus: int, with_itc: bool = True) -> list[
     With --base the model is the base's (its folder's config gives the shape): v9 warmed the `small` preset up for a
     `deep` base, and its ITC arms compiled on their own."""
     procs = []
-    base = ["--model.pretrained", a.base] if getattr(a, "base", None) else []  # (the sweep has no --base)
-    modes = ([(0.0, "default")] + ([(a.itc_weight, "default")] if with_itc else [])
-             + ([(0.0, "reduce-overhead")] if a.cuda_graphs else []))
-    for i, (itc, mode) in enumerate(modes):
-        ov = ["train", "--config", str(ROOT / a.config), "--model.preset", a.preset, "--data.source", "synthetic",
-              "--data.caption_dropout", str(a.caption_dropout), "--train.steps", "12", "--train.batch_size",
-              str(a.batch), "--train.output_dir", str(work / f"warm{i}"), "--checkpoint.interval", "1000",
-              "--eval.interval", "0", "--log.interval", "4", "--train.itc_weight", str(itc),
-              "--train.compile_mode", mode] + base + common_overrides(a, True)
+    for i, ov in enumerate(warm_cmds(a, work, with_itc)):
         env = {**os.environ, **gpu_env(i, gpus)}
         procs.append(subprocess.Popen(PY + ov, env=env, cwd=ROOT, stdout=open(work / f"warm{i}.log", "w"),
                                       stderr=subprocess.STDOUT))
     return procs
+
+
+def warm_cmds(a, work: Path, with_itc: bool = True) -> list[list[str]]:
+    base = ["--model.pretrained", a.base] if getattr(a, "base", None) else []  # (the sweep has no --base)
+    modes = ([(0.0, "default")] + ([(a.itc_weight, "default")] if with_itc else [])
+             + ([(0.0, "reduce-overhead")] if a.cuda_graphs else []))
+    return [["train", "--config", str(ROOT / a.config), "--model.preset", a.preset, "--data.source", "synthetic",
+             "--data.caption_dropout", str(a.caption_dropout), "--train.steps", "12", "--train.batch_size",
+             str(a.batch), "--train.output_dir", str(work / f"warm{i}"), "--checkpoint.interval", "1000",
+             "--eval.interval", "0", "--log.interval", "4", "--train.itc_weight", str(itc),
+             "--train.compile_mode", mode] + base + common_overrides(a, True) for i, (itc, mode) in enumerate(modes)]
+
+
+WARM_STAMP = "warm.json"  # in the work folder: the key of the last warm-up that succeeded
+
+
+def start_warm_up(a, work: Path, gpus: int) -> tuple[list[subprocess.Popen], str]:
+    """The compile warm-up's processes and its key, to be written to WARM_STAMP once they all succeed; none where
+    the stamp holds this key already."""
+    stamp, key = work / WARM_STAMP, warm_key(a, work)
+    if stamp.is_file() and stamp.read_text() == key:
+        print(f"compile caches warmed by an earlier call for the same runs ({stamp}): no warm-up", flush=True)
+        return [], key
+    stamp.unlink(missing_ok=True)
+    return warm_compile_cache(a, work, gpus), key
+
+
+def warm_key(a, work: Path, with_itc: bool = True) -> str:
+    """What a finished warm-up compiled for: its command lines, the base's shape (a base at the same path may have
+    another) and the torch version. A later call on the same machine with the same key finds inductor's caches
+    filled and skips the warm-up (v10's second call spent 46 s on one over warm caches)."""
+    import torch
+
+    cfg = Path(a.base) / "transformer" / "config.json" if getattr(a, "base", None) else None
+    shape = json.loads(cfg.read_text()) if cfg and cfg.is_file() else None
+    return json.dumps({"cmds": warm_cmds(a, work, with_itc), "base_shape": shape, "torch": torch.__version__})
 
 
 def cache_cmd(a, work: Path, d: str, resolution: int | None, env: dict) -> tuple[list[str], dict, Path]:
@@ -287,7 +315,7 @@ def main() -> int:
                              "with `fluxtrain export --format diffusers`")
         a.encoders = a.base
     resolve_encoders(a, work)
-    warm = warm_compile_cache(a, work, gpus) if compile_ and not a.data_only else []
+    warm, key = start_warm_up(a, work, gpus) if compile_ and not a.data_only else ([], None)
     sets = sorted({ARMS[arm][0] for arm in a.arms})  # the data sets the chosen arms train on
     cleaning = make_data(work, a.num, a.chunks, a.resolution, only=tuple({d.replace("clean", "noisy") for d in sets}))
     if a.source == "cache":  # latents and embeddings once per data set: training steps skip PNG, VAE and text
@@ -304,6 +332,7 @@ def main() -> int:
         print(f"CUDA-graph warm-up failed (log {work}/warm2.log): default compile mode", flush=True)
     elif warm:
         print(f"compile caches warm after {time.time() - t0:.0f}s", flush=True)
+        (work / WARM_STAMP).write_text(key)
     if a.data_only:
         return 0
 

@@ -43,3 +43,31 @@ def test_the_compile_warm_up_builds_the_bases_shape_not_the_presets(tmp_path, mo
     aa.warm_compile_cache(a, tmp_path, 0)
     assert _shape(started[0]) == _shape(aa.train_args(a, tmp_path / "data", tmp_path / "run", 0, None, True)) \
         == transformer_kwargs("small")
+
+
+def test_a_later_call_skips_the_warm_up_only_for_the_same_runs(tmp_path, monkeypatch, capsys):
+    """The warm-up is skipped where the work folder's stamp says an earlier call on this machine warmed the caches
+    for the same command lines and base shape; another base shape at the same path, or other runs, warm up again."""
+    aa = load_bench("adherence_ablation")
+    base = tmp_path / "base"
+    (base / "transformer").mkdir(parents=True)
+    (base / "transformer" / "config.json").write_text(json.dumps(transformer_kwargs("deep")))
+    a = argparse.Namespace(config="configs/ablation-small.toml", preset="small", caption_dropout=0.1, batch=256,
+                           itc_weight=0.1, itc_sigma_scale=1.0, cuda_graphs=True, base=str(base), encoders=None,
+                           resolution=None, ema_decay=0.995, source="cache", steps=1000, lr=1e-4, schedule="cosine")
+    started = []
+    monkeypatch.setattr(aa.subprocess, "Popen", lambda cmd, **kw: started.append(cmd) or cmd)
+    procs, key = aa.start_warm_up(a, tmp_path, 0)
+    assert len(procs) == 3
+    procs, again = aa.start_warm_up(a, tmp_path, 0)  # the first warm-up has not succeeded (no stamp): again
+    assert len(procs) == 3 and again == key
+    (tmp_path / aa.WARM_STAMP).write_text(key)  # what main writes once every warm-up process exits 0
+    procs, _ = aa.start_warm_up(a, tmp_path, 0)
+    assert procs == [] and "no warm-up" in capsys.readouterr().out
+    (base / "transformer" / "config.json").write_text(json.dumps(transformer_kwargs("small")))  # another shape
+    procs, other = aa.start_warm_up(a, tmp_path, 0)
+    assert len(procs) == 3 and other != key and not (tmp_path / aa.WARM_STAMP).exists()
+    (tmp_path / aa.WARM_STAMP).write_text(other)
+    a.cuda_graphs = False  # other runs: no CUDA-graph warm-up process, another key
+    procs, _ = aa.start_warm_up(a, tmp_path, 0)
+    assert len(procs) == 2
