@@ -296,9 +296,9 @@ def main() -> int:
         if not (work / "evals").is_dir():
             raise SystemExit(f"--table-only: {work} has no evals/ folder: no run of it was scored")
         runs = [(arm, seed) for arm in a.arms for seed in a.seeds if (work / "runs" / f"{arm}-s{seed}").is_dir()]
-        base = a.base if a.base or not (work / "evals" / f"{BASE_ROW}-e{a.eval_seeds[0]}.json").is_file() else "scored"
+        scored = bool(a.base) or (work / "evals" / f"{BASE_ROW}-e{a.eval_seeds[0]}.json").is_file()
         a.encoders = a.base or a.encoders  # as a call with --base records them (the table's head names them)
-        write_table(dict(args={k: v for k, v in vars(a).items()}, rows=work_rows(work, runs, None, base),
+        write_table(dict(args={k: v for k, v in vars(a).items()}, rows=work_rows(work, runs, None, scored),
                          table_only=True), Path(a.out))
         return 0
     work, out = Path(a.work), Path(a.out)
@@ -367,16 +367,17 @@ def main() -> int:
     (work / "evals").mkdir(exist_ok=True)
     run_all(evals)
 
-    rows = work_rows(work, runs, walls, a.base)
+    rows = work_rows(work, runs, walls, bool(a.base))
     result = dict(args={k: v for k, v in vars(a).items()}, cleaning=cleaning, data_s=data_s, gpus=gpus, rows=rows,
                   card=torch.cuda.get_device_name(0) if gpus else "CPU")
     write_table(result, out)
     return 0
 
 
-def work_rows(work: Path, runs: list[tuple[str, int]], walls: list | None, base) -> list[dict]:
-    """The table's rows from a work folder: each run's last step and loss (its metrics.jsonl) and its scores (evals/).
-    walls None: the runs' wall times are unknown (a call cut short before its table: --table-only)."""
+def work_rows(work: Path, runs: list[tuple[str, int]], walls: list | None, base: bool) -> list[dict]:
+    """The table's rows from a work folder: each run's last step and loss (its metrics.jsonl) and its scores (evals/),
+    and with `base` the base's row. walls None: the runs' wall times are unknown (a call cut short before its
+    table: --table-only)."""
     rows = []
     for i, (arm, seed) in enumerate(runs):
         run = work / "runs" / f"{arm}-s{seed}"

@@ -60,7 +60,7 @@ def fit_head(model, enc, data, cfg, device, itc, steps: int, batches: int, lr: f
     """Train the head alone for `steps` AdamW steps on frozen features of `batches` batches: the pooled image tokens
     of the empty-prompt forward at the trainer's σ draws, as ITC reads them. An arm's head learns beside the model
     for 1,000 steps; its gradient into the model grows as its loss falls. Returns the head's last loss."""
-    from fluxtrain.itc import itc_loss, pooled_image_features
+    from fluxtrain.itc import itc_loss
     from fluxtrain.train import forward_backward
 
     feats, texts = [], []
@@ -68,15 +68,13 @@ def fit_head(model, enc, data, cfg, device, itc, steps: int, batches: int, lr: f
     class Grab:  # stands in for the ITC objective in forward_backward: keeps what ITC would read, trains nothing
         def forward(self, model, inputs, e_seq, e_pooled, caption_pooled, view=None):
             with torch.no_grad():
-                itc._captured(model, itc._uncond(inputs, e_seq, e_pooled, view))
-                feats.append(pooled_image_features(itc.capture.pop()).float())
+                feats.append(itc.features(model, inputs, e_seq, e_pooled, view).float())
                 texts.append(caption_pooled.float())
             # no prediction is needed: a leaf of the prediction's shape keeps forward_backward's backward cheap
             return inputs["hidden_states"].detach().float().requires_grad_(), 0.0
 
     for _ in range(batches):
         forward_backward(model, enc, next(data), cfg, device, 0, 0, 1.0, Grab())
-    model.zero_grad(set_to_none=True)
     opt = torch.optim.AdamW(itc.head.parameters(), lr=lr)
     loss = torch.tensor(float("nan"))
     for step in range(steps):

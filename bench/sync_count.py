@@ -12,6 +12,7 @@ the step (train.QueuedStep, train.to_device); this shows what is left. CUDA only
 
 from __future__ import annotations
 
+import argparse
 import collections
 import sys
 import traceback
@@ -42,11 +43,10 @@ def main(argv: list[str]) -> int:
 
     if not torch.cuda.is_available():
         raise SystemExit("bench/sync_count.py counts CUDA synchronisations: run it on a GPU machine")
-    path = None
-    if "--config" in argv:
-        i = argv.index("--config")
-        path, argv = argv[i + 1], argv[:i] + argv[i + 2:]
-    cfg = C.load(path, argv)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default=None)
+    a, overrides = ap.parse_known_args(argv)
+    cfg = C.load(a.config, overrides)
     counts: collections.Counter = collections.Counter()
     shown = warnings.showwarning
 

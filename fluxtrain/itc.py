@@ -220,13 +220,19 @@ class ITCObjective:
         b = inputs["hidden_states"].shape[0]
         joint = {k: torch.cat([v, uncond[k]]) if k in _BATCHED and v is not None else v for k, v in inputs.items()}
         out = self._captured(model, joint)
-        return out[:b], self._loss(self.capture.pop()[b:], pooled)
+        return out[:b], self._loss(pooled_image_features(self.capture.pop()[b:]), pooled)
 
     def loss(self, model, inputs: dict, empty_seq: torch.Tensor, empty_pooled: torch.Tensor,
              pooled: torch.Tensor, view: dict | None = None) -> torch.Tensor:
         """The weighted ITC loss from a separate forward of the batch with the empty prompt."""
+        return self._loss(self.features(model, inputs, empty_seq, empty_pooled, view), pooled)
+
+    def features(self, model, inputs: dict, empty_seq: torch.Tensor, empty_pooled: torch.Tensor,
+                 view: dict | None = None) -> torch.Tensor:
+        """The pooled image features ITC reads: the captured block's output on a forward of the batch with the
+        empty prompt."""
         self._captured(model, self._uncond(inputs, empty_seq, empty_pooled, view))
-        return self._loss(self.capture.pop(), pooled)
+        return pooled_image_features(self.capture.pop())
 
     def _uncond(self, inputs: dict, empty_seq: torch.Tensor, empty_pooled: torch.Tensor,
                 view: dict | None = None) -> dict:
@@ -242,8 +248,7 @@ class ITCObjective:
         finally:
             self.capture.enabled = False
 
-    def _loss(self, block_out: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
-        feats = pooled_image_features(block_out)
+    def _loss(self, feats: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
         loss = itc_loss(self.head, feats.float(), pooled.float(), gather=True)
         self.last = loss.detach()  # unweighted, the global batch's: the log row's itc_loss (read on log steps only)
         return self.weight * loss

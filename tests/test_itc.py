@@ -217,7 +217,7 @@ def test_joint_forward_matches_two_forwards():
         assert torch.allclose(g1[k], g2[k], rtol=1e-4, atol=1e-6), k
     # The ITC loss is the empty-prompt half's: the captioned half's features give another value.
     itc._captured(model, inputs)
-    assert itc._loss(itc.capture.pop(), pooled).item() != pytest.approx(a1, rel=1e-4)
+    assert itc._loss(pooled_image_features(itc.capture.pop()), pooled).item() != pytest.approx(a1, rel=1e-4)
     # A shorter empty prompt can't join the batch: two forwards, same numbers as the explicit two.
     short = e_seq[:, :3]
     (p3, a3, _, n3), (_, a4, _, _) = run(True, short), run(False, short)
