@@ -25,6 +25,8 @@
 # from LR to 0 (the eleventh session's schedule, 82.8%), so each stage's end is a finished run. Three back-to-back
 # calls, carry [".whl"] each (~27 device minutes). AUTOCAST=1: bf16 matmuls under fp32 weights (parallel.autocast),
 # BATCH=512 with LR scaled: what bench/step_speed.py (bench/gpu_speed.sh) measured faster on the same machine.
+# STAGE_EXTRA: trainer overrides of the stage, e.g. "--data.source synthetic --data.complex_frac 0.5
+# --data.num_workers 8" (fresh scenes every step instead of the ~25,600 cached ones, each seen ~75 times a stage).
 #   RESTART=1 STAGE=1 bash bench/gpu_chain.sh;  then FROM=warm RESTART=1 STAGE=2 …;  then FROM=warm RESTART=1 STAGE=3 …
 set -u
 STAGE=${STAGE:-1} STAGES=${STAGES:-3} PRESET=${PRESET:-small} RES=${RES:-64}
@@ -88,7 +90,7 @@ timeout 555 python3 bench/adherence_sweep.py --work /tmp/sweep --out "$OUT" --ma
   --preset $PRESET --resolution $RES --data ${DATA:-complex_clean} $( ((${AUTOCAST:-0})) && echo --autocast) \
   --seeds ${SEED:-0} --encoders "$ENC" --steps ${STEPS:-8000} --schedule cosine --lr "$LR" --curve \
   --eval-seeds ${EVAL_SEEDS:-$( ((LAST)) && echo 0 1 2 || echo 0)} \
-  --variants "stage$STAGE=$INIT --optim.min_lr_ratio $MINR --checkpoint.interval ${CK_EVERY:-$((LAST ? 4000 : 2000))} --checkpoint.keep 10" \
+  --variants "stage$STAGE=$INIT ${STAGE_EXTRA:-} --optim.min_lr_ratio $MINR --checkpoint.interval ${CK_EVERY:-$((LAST ? 4000 : 2000))} --checkpoint.keep 10" \
   --evals "${EV[@]}" \
   2>&1 | grep -v "UserWarning\|warnings.warn\|Loading weights" | tail -20
 [ -n "${AHEAD:-}" ] && { wait "$AHEAD"; echo "the ablation's data, made ahead: $(grep -h "data ready" /tmp/abl-ahead.log ||
