@@ -26,7 +26,8 @@
 # calls, carry [".whl"] each (~27 device minutes). AUTOCAST=1: bf16 matmuls under fp32 weights (parallel.autocast),
 # BATCH=512 with LR scaled: what bench/step_speed.py (bench/gpu_speed.sh) measured faster on the same machine.
 # STAGE_EXTRA: trainer overrides of the stage, e.g. "--data.source synthetic --data.complex_frac 0.5
-# --data.num_workers 8" (fresh scenes every step instead of the ~25,600 cached ones, each seen ~75 times a stage).
+# --data.num_workers 8" (fresh scenes every step instead of the ~25,600 cached ones, each seen ~75 times a stage);
+# with it, NEXT_DATA=0 and ABL_AHEAD=0 leave the CPU to the loader's workers (no scenes made ahead).
 #   RESTART=1 STAGE=1 bash bench/gpu_chain.sh;  then FROM=warm RESTART=1 STAGE=2 …;  then FROM=warm RESTART=1 STAGE=3 …
 set -u
 STAGE=${STAGE:-1} STAGES=${STAGES:-3} PRESET=${PRESET:-small} RES=${RES:-64}
@@ -85,7 +86,7 @@ fi
 # to the clock and lost its scores to it)
 timeout 555 python3 bench/adherence_sweep.py --work /tmp/sweep --out "$OUT" --max-minutes ${MAX_MIN:-7.5} \
   --deadline-minutes ${DEADLINE_MIN:-9.0} --eval-reserve-s ${EVAL_RESERVE:-$((LAST ? (${GUIDANCE:-1} ? 120 : 90) : 60))} \
-  $( ((LAST)) || echo --next-data-seed $((${DATA_SEED:-$STAGE} + 1)) ) \
+  $( ((LAST)) || [ "${NEXT_DATA:-1}" = 0 ] || echo --next-data-seed $((${DATA_SEED:-$STAGE} + 1)) ) \
   --num ${NUM:-32000} --chunks ${CHUNKS:-16} --data-seed ${DATA_SEED:-$STAGE} --cuda-graphs --batch ${BATCH:-256} \
   --preset $PRESET --resolution $RES --data ${DATA:-complex_clean} $( ((${AUTOCAST:-0})) && echo --autocast) \
   --seeds ${SEED:-0} --encoders "$ENC" --steps ${STEPS:-8000} --schedule cosine --lr "$LR" --curve \
