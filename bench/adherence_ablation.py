@@ -124,7 +124,6 @@ def _cleaning_report(work: Path, sets: dict, chunks: int) -> dict:
 def common_overrides(a, compile_: bool) -> list[str]:
     ov = ["--train.compile", str(compile_).lower()]
     ov += ["--data.resolution", str(a.resolution)] if a.resolution else []
-    ov += ["--parallel.autocast", "true"] if getattr(a, "autocast", False) else []
     # warmup ramps the decay (min(decay, (1+t)/(10+t))): without it a short run's EMA still holds its random init
     ov += ["--ema.enabled", "true", "--ema.decay", str(a.ema_decay), "--ema.warmup", "true"] if a.ema_decay > 0 else []
     return ov + (["--model.encoders", a.encoders] if a.encoders else [])
@@ -282,8 +281,6 @@ def main() -> int:
     ap.add_argument("--cuda-graphs", action="store_true",
                     help="train.compile_mode = reduce-overhead for the arms without ITC (1.6x on one run alone)")
     ap.add_argument("--ema-decay", type=float, default=0.995, help="score the EMA weights (0: the raw weights)")
-    ap.add_argument("--autocast", action="store_true",
-                    help="parallel.autocast: bf16 matmuls under fp32 weights, CUDA graphs kept (every run alike)")
     ap.add_argument("--merge", nargs="+", default=None,
                     help="ablation.json files of calls that ran different arms: write their joint table and stop")
     ap.add_argument("--table-only", action="store_true",

@@ -129,8 +129,6 @@ def main() -> int:
                     help="per-block torch.compile (default: on with GPUs); the caches are warmed while data is made")
     ap.add_argument("--cuda-graphs", action="store_true", help="train.compile_mode = reduce-overhead")
     ap.add_argument("--ema-decay", type=float, default=0.995, help="score the EMA weights (0: the raw weights)")
-    ap.add_argument("--autocast", action="store_true",
-                    help="parallel.autocast: bf16 matmuls under fp32 weights, CUDA graphs kept (every run alike)")
     ap.add_argument("--log-interval", type=int, default=None, help="log.interval (default: the config's)")
     ap.add_argument("--eval-limit", type=int, default=None, help="fluxtrain eval --limit (smoke runs)")
     ap.add_argument("--curve", action="store_true",

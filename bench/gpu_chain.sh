@@ -23,8 +23,8 @@
 # ~30 s after a call, so issue the next call at once), for weights that can't come back (the medium preset's export
 # is 79 MB, more than a call returns or carries) and to skip chain_prep.sh. RESTART=1: every stage its own cosine
 # from LR to 0 (the eleventh session's schedule, 82.8%), so each stage's end is a finished run. Three back-to-back
-# calls, carry [".whl"] each (~27 device minutes). AUTOCAST=1: bf16 matmuls under fp32 weights (parallel.autocast),
-# BATCH=512 with LR scaled: what bench/step_speed.py (bench/gpu_speed.sh) measured faster on the same machine.
+# calls, carry [".whl"] each (~27 device minutes). BATCH=512 (LR scaled): 1.13x the samples/s of 256 on an H100,
+# 1024: 1.24x (bench/gpu_speed.sh, twenty-first session).
 # STAGE_EXTRA: trainer overrides of the stage, e.g. "--data.source synthetic --data.complex_frac 0.5
 # --data.num_workers 8" (fresh scenes every step instead of the ~25,600 cached ones, each seen ~75 times a stage);
 # with it, NEXT_DATA=0 and ABL_AHEAD=0 leave the CPU to the loader's workers (no scenes made ahead).
@@ -88,7 +88,7 @@ timeout 555 python3 bench/adherence_sweep.py --work /tmp/sweep --out "$OUT" --ma
   --deadline-minutes ${DEADLINE_MIN:-9.0} --eval-reserve-s ${EVAL_RESERVE:-$((LAST ? (${GUIDANCE:-1} ? 120 : 90) : 60))} \
   $( ((LAST)) || [ "${NEXT_DATA:-1}" = 0 ] || echo --next-data-seed $((${DATA_SEED:-$STAGE} + 1)) ) \
   --num ${NUM:-32000} --chunks ${CHUNKS:-16} --data-seed ${DATA_SEED:-$STAGE} --cuda-graphs --batch ${BATCH:-256} \
-  --preset $PRESET --resolution $RES --data ${DATA:-complex_clean} $( ((${AUTOCAST:-0})) && echo --autocast) \
+  --preset $PRESET --resolution $RES --data ${DATA:-complex_clean} \
   --seeds ${SEED:-0} --encoders "$ENC" --steps ${STEPS:-8000} --schedule cosine --lr "$LR" --curve \
   --eval-seeds ${EVAL_SEEDS:-$( ((LAST)) && echo 0 1 2 || echo 0)} \
   --variants "stage$STAGE=$INIT ${STAGE_EXTRA:-} --optim.min_lr_ratio $MINR --checkpoint.interval ${CK_EVERY:-$((LAST ? 4000 : 2000))} --checkpoint.keep 10" \

@@ -106,12 +106,6 @@ class OptimConfig:
 class ParallelConfig:
     strategy: Literal["FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD"] = "FULL_SHARD"
     mixed_precision: Literal["bf16", "fp32"] = "bf16"
-    # with fp32 on one process: matmuls and attention in bf16 by torch.autocast, fp32 weights, gradients and AdamW.
-    # No FSDP, so CUDA graphs (train.compile_mode = reduce-overhead) stay available: a small model's step is memory
-    # traffic more than matmuls, and bf16 halves it. Under FSDP, mixed_precision = bf16 is the way. Attention stays
-    # torch's choice ("auto" resolves to native SDPA, which takes a bf16 kernel for bf16 inputs): sample grids run
-    # the same modules outside autocast, in fp32
-    autocast: bool = False
     # fp32 matmuls on a GPU use TF32 tensor cores (10-bit mantissa, ~8x the fp32 rate on Hopper); false: exact fp32
     tf32: bool = True
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
@@ -432,11 +426,6 @@ def validate(cfg: Config) -> None:
             cfg.model.pretrained = str(shipped)
     if cfg.model.pretrained and not Path(cfg.model.pretrained).exists() and "://" not in cfg.model.pretrained:
         raise ConfigError(f"model.pretrained '{cfg.model.pretrained}' does not exist: give a diffusers folder or a .safetensors file")
-    if p.autocast and (p.mixed_precision != "fp32" or p.cpu_offload or p.fp8):
-        why = ("parallel.mixed_precision = bf16 already computes in bf16 (FSDP's policy)" if p.mixed_precision != "fp32"
-               else "parallel.cpu_offload trains under FSDP" if p.cpu_offload else "parallel.fp8 sets its own casts")
-        raise ConfigError(f"parallel.autocast is for fp32 weights on one process without FSDP: {why}; set "
-                          "parallel.autocast = false")
     if cfg.lora.enabled and cfg.lora.base_dtype == "bf16" and p.mixed_precision != "bf16":
         raise ConfigError("lora.base_dtype = bf16 needs parallel.mixed_precision = bf16 (fp32 compute can't use a bf16 base)")
     if p.fp8 and p.fp8_all_gather and not p.fp8_recipe.startswith("tensorwise"):

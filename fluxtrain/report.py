@@ -31,7 +31,7 @@ MAX_EMBED_BYTES = 3 * 2**20  # sample grids larger than this are downscaled befo
 CONFIG_EXCERPT = [
     ("model", "preset"), ("model", "pretrained"), ("data", "source"), ("data", "path"), ("data", "resolution"),
     ("train", "steps"), ("train", "batch_size"), ("train", "grad_accum"), ("train", "seed"), ("optim", "lr"),
-    ("optim", "schedule"), ("optim", "warmup_steps"), ("parallel", "strategy"), ("parallel", "mixed_precision"), ("parallel", "autocast"),
+    ("optim", "schedule"), ("optim", "warmup_steps"), ("parallel", "strategy"), ("parallel", "mixed_precision"),
     ("parallel", "activation_checkpointing"), ("parallel", "cpu_offload"), ("parallel", "fp8"),
     ("checkpoint", "interval"), ("log", "interval"),
 ]

@@ -133,16 +133,15 @@ def forward_backward(model, enc: Encoders, batch: dict, cfg: C.Config, device, s
     x_t = flow.noisy_input(x0, noise, sigma)
     guidance = cfg.model.guidance if model.config.guidance_embeds else None
     inputs = flow.transformer_inputs(x_t, sigma, seq, pooled, lat_h, lat_w, guidance)
-    with torch.autocast(device.type, torch.bfloat16, enabled=cfg.parallel.autocast):  # the losses read fp32 casts
-        if itc is None:
-            pred, aux = model(**inputs)[0], 0.0
-        else:  # + the image-text contrastive loss, from the same forward (the logged loss stays the flow loss)
-            view = None
-            if tc.itc_sigma_scale < 1:  # its copy of the batch at a lower noise level, where the caption can be read
-                s = sigma * tc.itc_sigma_scale
-                view = dict(hidden_states=flow.noisy_input(x0, noise, s).to(x_t.dtype),
-                            timestep=s.to(device, torch.float32))
-            pred, aux = itc.forward(model, inputs, e_seq, e_pooled, caption_pooled, view)
+    if itc is None:
+        pred, aux = model(**inputs)[0], 0.0
+    else:  # + the image-text contrastive loss, from the same forward (the logged loss stays the flow loss)
+        view = None
+        if tc.itc_sigma_scale < 1:  # its copy of the batch at a lower noise level, where the caption can be read
+            s = sigma * tc.itc_sigma_scale
+            view = dict(hidden_states=flow.noisy_input(x0, noise, s).to(x_t.dtype),
+                        timestep=s.to(device, torch.float32))
+        pred, aux = itc.forward(model, inputs, e_seq, e_pooled, caption_pooled, view)
     loss = flow.flow_loss(pred, flow.target(x0, noise), sigma, tc.loss_weighting)
     if tc.inject_nan_at_step == step and rank == tc.inject_nan_rank:
         loss = loss * float("nan")  # test hook: a NaN on one rank only
@@ -279,8 +278,7 @@ def _train(cfg: C.Config, D: pmesh.Dist, run_dir: Path, log) -> dict:
     set_matmul_precision(D.device, cfg.parallel.tf32)
     threads = set_cpu_threads(cfg)
     tf32 = " (TF32 matmuls)" if D.device.type == "cuda" and cfg.parallel.tf32 else ""
-    precision = "fp32 weights, bf16 autocast" if cfg.parallel.autocast else cfg.parallel.mixed_precision
-    log.info(f"world {D.world_size} on {D.device}, {sharding}, {precision}{tf32}, "
+    log.info(f"world {D.world_size} on {D.device}, {sharding}, {cfg.parallel.mixed_precision}{tf32}, "
              f"AC {cfg.parallel.activation_checkpointing}, offload {cfg.parallel.cpu_offload} "
              f"(optimizer moments only: {cfg.parallel.optimizer_offload}) "
              f"({threads} CPU threads), attention "

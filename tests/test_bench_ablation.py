@@ -71,24 +71,3 @@ def test_a_later_call_skips_the_warm_up_only_for_the_same_runs(tmp_path, monkeyp
     a.cuda_graphs = False  # other runs: no CUDA-graph warm-up process, another key
     procs, _ = aa.start_warm_up(a, tmp_path, 0)
     assert len(procs) == 2
-
-
-def test_autocast_reaches_every_arm_and_warm_up_and_their_configs_accept_it(tmp_path, monkeypatch):
-    """--autocast: every training command line (arms and compile warm-ups alike) sets parallel.autocast, and each
-    loads as a valid config (fp32 weights, CUDA graphs kept); without it, none does."""
-    aa = load_bench("adherence_ablation")
-    a = argparse.Namespace(config="configs/ablation-small.toml", preset="small", caption_dropout=0.1, batch=256,
-                           itc_weight=0.1, itc_sigma_scale=1.0, cuda_graphs=True, base=None, encoders=None,
-                           resolution=None, ema_decay=0.995, source="cache", steps=1000, lr=1e-4, schedule="cosine")
-    for on in (False, True):
-        a.autocast = on
-        started = []
-        monkeypatch.setattr(aa.subprocess, "Popen", lambda cmd, **kw: started.append(cmd))
-        aa.warm_compile_cache(a, tmp_path, 0)
-        cmds = started + [aa.train_args(a, tmp_path / "data", tmp_path / "run", 0, itc, True) for itc in (None, 0.0)]
-        for cmd in cmds:
-            i = cmd.index("train")
-            cfg = C.load(cmd[i + 2], cmd[i + 3:])
-            assert cfg.parallel.autocast is on and cfg.parallel.mixed_precision == "fp32"
-        assert any(C.load(c[c.index("train") + 2], c[c.index("train") + 3:]).train.compile_mode == "reduce-overhead"
-                   for c in cmds)
