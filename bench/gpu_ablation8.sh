@@ -9,10 +9,11 @@
 # Fine-tuning lr 2.5e-4 → 0 over STEPS (v7's), all runs at once round-robin over the GPUs, a 5-minute guard each.
 set -u
 export WHEELS=.chain
-ls .chain/warm.tar.* >/dev/null 2>&1 || { echo "no .chain/warm.tar.NN: run bench/chain_prep.sh on the base's folder" \
-  "and carry [\".chain\"]" >&2; exit 2; }
 B=${BASE_DIR:-/tmp/base}  # where the base is unpacked
-rm -rf "$B" && mkdir -p "$B" && cat .chain/warm.tar.* | tar xf - -C "$B" || exit 1
+rm -rf "$B"; bash bench/chain_unpack.sh "$B"; rc=$?
+[ $rc = 3 ] && { echo "no .chain/base.pack or warm.tar.NN: run bench/chain_prep.sh on the base's folder" \
+  "and carry [\".chain\"]" >&2; exit 2; }
+[ $rc = 0 ] || exit 1
 [ -f "$B/fluxtrain.json" ] || cp .chain/fluxtrain.json "$B/" 2>/dev/null || { echo "the base has no" \
   "fluxtrain.json (its T5 length): put the one of its run into the parts' folder and rerun bench/chain_prep.sh" >&2
   exit 2; }

@@ -28,10 +28,11 @@ case "${BASE:-}" in
     rm -rf "$B" && mkdir -p "$(dirname "$B")" && cp -r "$W" "$B" ;;
   chain)
     export WHEELS=.chain
-    ls .chain/warm.tar.* >/dev/null 2>&1 || { echo "BASE=chain: no .chain/warm.tar.NN: run bench/chain_prep.sh on" \
-      "the base's folder and carry [\".chain\"]" >&2; exit 2; }
-    echo "base: the carried parts of stage $(cat .chain/stage 2>/dev/null) ($(cat .chain/shape 2>/dev/null))"
-    rm -rf "$B" && mkdir -p "$B" && cat .chain/warm.tar.* | tar xf - -C "$B" || exit 1
+    rm -rf "$B"; bash bench/chain_unpack.sh "$B"; rc=$?
+    [ $rc = 3 ] && { echo "BASE=chain: no .chain/base.pack or warm.tar.NN: run bench/chain_prep.sh on the base's" \
+      "folder and carry [\".chain\"]" >&2; exit 2; }
+    [ $rc = 0 ] || exit 1
+    echo "base: the carried stage $(cat .chain/stage 2>/dev/null) ($(cat .chain/shape 2>/dev/null))"
     [ -f "$B/fluxtrain.json" ] || cp .chain/fluxtrain.json "$B/" 2>/dev/null ;;
   *) echo "BASE=${BASE:-} : give BASE=warm (the last gpu_chain.sh call's export on this warm machine) or BASE=chain" \
        "(the parts in .chain/)" >&2; exit 2 ;;

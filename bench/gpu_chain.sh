@@ -56,7 +56,7 @@ elif [ "$STAGE" -gt 1 ]; then  # from the last stage's export, which chain_prep.
       "not $PRESET $RES" >&2; exit 2
   fi
   export WHEELS=.chain
-  mkdir -p /tmp/warm && cat .chain/warm.tar.* | tar xf - -C /tmp/warm || exit 1
+  bash bench/chain_unpack.sh /tmp/warm || exit 1
   ENC=/tmp/warm INIT="--model.pretrained /tmp/warm"
 else  # the T5 trained to bind: carried, or made on the machine
   ENC=$([ -d .whl/tiny-bind ] && echo "$PWD/.whl/tiny-bind" || echo bind) INIT=""

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -18,7 +19,7 @@ def _repo(tmp_path: Path, script: str = "gpu_ablation8.sh") -> Path:
     (chain_prep writes its exclude)."""
     repo = tmp_path / "repo"
     (repo / "bench").mkdir(parents=True)
-    for f in ("chain_prep.sh", script):
+    for f in ("chain_prep.sh", "chain_unpack.sh", "weights_pack.py", script):
         shutil.copy(ROOT / "bench" / f, repo / "bench" / f)
     (repo / ".whl").mkdir()
     (repo / ".whl" / "x-1.0-py3-none-any.whl").write_bytes(b"")
@@ -50,14 +51,14 @@ def _stage_dir(tmp_path: Path, with_json_in_parts: bool, json_beside: bool) -> P
 
 
 def _run(repo: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "BASE_DIR": str(repo / "base"), **env}  # not the device's /tmp/base
+    env = {**os.environ, "BASE_DIR": str(repo / "base"), "PYTHON": sys.executable, **env}  # not /tmp/base
     return subprocess.run(["bash", *args], cwd=repo, capture_output=True, text=True, timeout=60, env=env)
 
 
 def test_a_base_without_fluxtrain_json_is_refused_before_anything_runs(tmp_path):
     repo = _repo(tmp_path)
     r = _run(repo, "bench/gpu_ablation8.sh")
-    assert r.returncode == 2 and "no .chain/warm.tar.NN: run bench/chain_prep.sh" in r.stderr
+    assert r.returncode == 2 and "no .chain/base.pack or warm.tar.NN: run bench/chain_prep.sh" in r.stderr
     assert _run(repo, "bench/chain_prep.sh", str(_stage_dir(tmp_path, False, False))).returncode == 0
     assert not (repo / ".chain" / "fluxtrain.json").exists()
     r = _run(repo, "bench/gpu_ablation8.sh")

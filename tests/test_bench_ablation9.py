@@ -55,7 +55,7 @@ def test_the_warm_base_is_copied_with_its_length_and_stays_for_the_next_seed(tmp
 def test_the_chain_base_is_unpacked_from_the_carried_parts(tmp_path):
     repo = _repo(tmp_path)
     r = _run(repo, "bench/gpu_ablation9.sh", BASE="chain")
-    assert r.returncode == 2 and "BASE=chain: no .chain/warm.tar.NN" in r.stderr
+    assert r.returncode == 2 and "BASE=chain: no .chain/base.pack or warm.tar.NN" in r.stderr
     assert _run(repo, "bench/chain_prep.sh", str(_stage_dir(tmp_path, False, False))).returncode == 0
     r = _run(repo, "bench/gpu_ablation9.sh", BASE="chain")
     assert r.returncode == 2 and "the base has no fluxtrain.json" in r.stderr
@@ -64,6 +64,7 @@ def test_the_chain_base_is_unpacked_from_the_carried_parts(tmp_path):
     r = _run(repo, "bench/gpu_ablation9.sh", BASE="chain")
     assert r.returncode == 0, r.stderr
     assert "stage 2 (small 64)" in r.stdout
+    assert (repo / ".chain" / "base.pack").is_file() and not list((repo / ".chain").glob("warm.tar.*"))
     assert (repo / "base" / "model_index.json").is_file() and (repo / "base" / "fluxtrain.json").is_file()
 
 
@@ -143,3 +144,15 @@ def test_a_call_stopped_before_its_table_writes_the_table_of_what_it_scored(tmp_
     calls.unlink()
     _run(repo, "bench/gpu_ablation9.sh", BASE="warm", STUB_RC="1", **env)
     assert calls.read_text().count("CALL") == 1 and "--table-only" not in calls.read_text()
+
+
+def test_a_chain_of_parts_as_they_came_still_unpacks(tmp_path):
+    """.chain/ made before the twenty-first session holds the parts themselves, not base.pack."""
+    repo = _repo(tmp_path)
+    stage = _stage_dir(tmp_path, True, False)
+    (repo / ".chain").mkdir()
+    shutil.copy(stage / "warm.tar.00", repo / ".chain" / "warm.tar.00")
+    (repo / ".chain" / "stage").write_text("2\n")
+    r = _run(repo, "bench/gpu_ablation9.sh", BASE="chain")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((repo / "base" / "fluxtrain.json").read_text()) == {"max_text_tokens": 24}
