@@ -11,7 +11,8 @@ ENC=$([ -d .whl/tiny-bind ] && echo "$PWD/.whl/tiny-bind" || echo "")
 V=("fp32=" "b512=--train.batch_size 512" "b1024=--train.batch_size 1024")
 # scenes drawn fresh every step (rendered by the loader's workers, encoded on the GPU) instead of the cache: a stage
 # sees each of its ~25,600 cached scenes ~90 times, and the held-out prompts are captions it never saw. On an H100
-# the loader gave 2,071 samples/s with 8 workers (168 ms of data wait a step): too slow for a stage as it is.
+# the loader gave 2,071 samples/s (168 ms of data wait a step): it rendered in the training process, whatever
+# data.num_workers said. It now renders in the workers (not yet measured on a GPU).
 [ -n "${SYNTH:-}" ] && V+=("synth-b512=--train.batch_size 512 --data.source synthetic --data.complex_frac 0.5 \
 --data.num_workers ${SYNTH_WORKERS:-8}")
 timeout ${LIMIT:-420} python3 bench/step_speed.py --work /tmp/speed --out "$OUT/step_speed.json" --preset ${PRESET:-deep} \

@@ -22,30 +22,57 @@ def to_pixels(images) -> torch.Tensor:
     return u8_to_pixels(torch.from_numpy(np.stack([np.asarray(im.convert("RGB"), dtype=np.uint8) for im in images])))
 
 
-class IndexedBatches:
-    """Stateful iterator of local micro-batches from an index-based source."""
+class _BatchSource(torch.utils.data.Dataset):
+    """Micro-batch k of an index-based source for one rank: what a DataLoader worker renders."""
 
     def __init__(self, source, batch_size: int, rank: int, world_size: int):
         self.source, self.bs, self.rank, self.world = source, batch_size, rank, world_size
+
+    def __len__(self) -> int:
+        return len(self.source) // (self.bs * self.world)
+
+    def __getitem__(self, k: int) -> dict:
+        start = k * self.bs * self.world + self.rank * self.bs
+        idx = list(range(start, start + self.bs))
+        items = [self.source[i] for i in idx]
+        return {"pixels": to_pixels([it["image"] for it in items]), "captions": [it["caption"] for it in items],
+                "indices": torch.tensor(idx, dtype=torch.long)}
+
+
+class IndexedBatches:
+    """Stateful iterator of local micro-batches from an index-based source. With `workers` > 0, DataLoader worker
+    processes render the batches ahead, in order: the same batches as in-process rendering (item i is a function of
+    i alone), which rendered ~2,000 samples/s on one core, a fifth of what a small model trains on a GPU."""
+
+    def __init__(self, source, batch_size: int, rank: int, world_size: int, workers: int = 0):
+        self.batches = _BatchSource(source, batch_size, rank, world_size)
+        self.bs, self.world, self.workers = batch_size, world_size, workers
         self.pos = 0  # global samples consumed
         self.skipped = 0
+        self._it = None  # the workers' iterator, started at the position it was made for
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict:
-        start = self.pos + self.rank * self.bs
-        idx = list(range(start, start + self.bs))
+        k = self.pos // (self.bs * self.world)
+        if self.workers <= 0:
+            batch = self.batches[k]
+        else:
+            if self._it is None:
+                loader = torch.utils.data.DataLoader(self.batches, batch_size=None, num_workers=self.workers,
+                                                     sampler=range(k, len(self.batches)), prefetch_factor=4)
+                self._it = iter(loader)
+            batch = next(self._it)
         self.pos += self.bs * self.world
-        items = [self.source[i] for i in idx]
-        return {"pixels": to_pixels([it["image"] for it in items]), "captions": [it["caption"] for it in items],
-                "indices": torch.tensor(idx, dtype=torch.long)}
+        return batch
 
     def state_dict(self) -> dict:
         return {"pos": self.pos, "skipped": self.skipped}
 
     def load_state_dict(self, state: dict) -> None:
         self.pos, self.skipped = int(state["pos"]), int(state.get("skipped", 0))
+        self._it = None  # the workers rendered ahead of the old position: restart them at the new one
 
 
 def build_loader(cfg: Config, rank: int, world_size: int):
@@ -55,7 +82,7 @@ def build_loader(cfg: Config, rank: int, world_size: int):
 
         src = SyntheticShapes(size=d.resolution, complex_frac=d.complex_frac, seed=d.seed,
                               caption_augment=d.caption_augment)
-        return IndexedBatches(src, cfg.train.batch_size, rank, world_size)
+        return IndexedBatches(src, cfg.train.batch_size, rank, world_size, d.num_workers)
     if d.source == "webdataset":
         from fluxtrain.data.webdataset import build_webdataset_loader
 
