@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 
 def flat_grad(params: list[torch.nn.Parameter]) -> torch.Tensor:
@@ -99,20 +99,13 @@ def main(argv: list[str]) -> int:
     from fluxtrain import config as C
     from fluxtrain.data.loader import build_loader
     from fluxtrain.itc import ITCObjective
-    from fluxtrain.models.setup import build_training_model
-    from fluxtrain.parallel import mesh as pmesh
     from fluxtrain.train import Encoders
+    from one_process import training_model
 
     cfg = C.load(a.config, overrides)
     if cfg.train.itc_weight <= 0:
         raise SystemExit("train.itc_weight is 0: give the weight to measure, e.g. --train.itc_weight 0.1")
-    D = pmesh.init(cfg)
-    try:
-        if D.world_size != 1:
-            raise SystemExit("itc_grad_share.py runs in one process (no torchrun)")
-        torch.manual_seed(cfg.train.seed)
-        model = build_training_model(cfg, D.mesh, D.device)
-        model.train()
+    with training_model(cfg, "itc_grad_share.py") as (D, model):
         data = build_loader(cfg, D.rank, D.world_size)
         enc = Encoders(cfg, D.device, data)
         itc = ITCObjective(model, D.mesh, model.config.pooled_projection_dim, cfg.train.itc_weight, cfg.optim,
@@ -125,8 +118,6 @@ def main(argv: list[str]) -> int:
             print(f"head trained {a.head_steps} steps on {a.head_batches} batches of frozen features: "
                   f"ITC loss {head_loss:.3f}", flush=True)
         rows = shares(model, enc, batches, cfg, D.device, itc, a.batches)  # batches the head has not seen
-    finally:
-        pmesh.teardown(D.owns_group)
     mean = {k: statistics.mean(r[k] for r in rows) for k in rows[0]}
     w = cfg.train.itc_weight
     mean["weight_for_ratio"] = {str(r): w * r / mean["ratio"] for r in (0.25, 0.5, 1.0)}

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 
 def paired_losses(model, enc, sets: dict, cfg, device, batches: int) -> list[dict]:
@@ -62,9 +62,8 @@ def main(argv: list[str]) -> int:
     a, overrides = ap.parse_known_args(argv)
     from fluxtrain import config as C
     from fluxtrain.data.loader import build_loader
-    from fluxtrain.models.setup import build_training_model
-    from fluxtrain.parallel import mesh as pmesh
     from fluxtrain.train import Encoders
+    from one_process import training_model
 
     base = ["--data.source", "webdataset", "--data.caption_dropout", "0"]
     cfgs = {name: C.load(a.config, base + overrides + ["--data.path", glob])
@@ -72,18 +71,10 @@ def main(argv: list[str]) -> int:
     cfg = cfgs["seen"]
     if not cfg.model.pretrained:
         raise SystemExit("give the trained model: --model.pretrained FOLDER")
-    D = pmesh.init(cfg)
-    try:
-        if D.world_size != 1:
-            raise SystemExit("memorization.py runs in one process (no torchrun)")
-        torch.manual_seed(cfg.train.seed)
-        model = build_training_model(cfg, D.mesh, D.device)
-        model.train()
+    with training_model(cfg, "memorization.py") as (D, model):
         enc = Encoders(cfg, D.device)
         sets = {name: build_loader(c, D.rank, D.world_size) for name, c in cfgs.items()}
         rows = paired_losses(model, enc, sets, cfg, D.device, a.batches)
-    finally:
-        pmesh.teardown(D.owns_group)
     s = summary(rows)
     for i, r in enumerate(rows):
         print(f"batch {i}: seen {r['seen']:.4f}  fresh {r['fresh']:.4f}  gap {r['fresh'] - r['seen']:+.4f}")
