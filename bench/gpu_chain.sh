@@ -26,8 +26,9 @@
 # calls, carry [".whl"] each (~27 device minutes). BATCH=512 (LR scaled): 1.13x the samples/s of 256 on an H100,
 # 1024: 1.24x (bench/gpu_speed.sh, twenty-first session).
 # STAGE_EXTRA: trainer overrides of the stage, e.g. "--data.source synthetic --data.complex_frac 0.5
-# --data.num_workers 8" (fresh scenes every step instead of the ~25,600 cached ones, each seen ~75 times a stage);
-# with it, NEXT_DATA=0 and ABL_AHEAD=0 leave the CPU to the loader's workers (no scenes made ahead).
+# --data.num_workers 8" (fresh scenes every step instead of the ~25,600 cached ones, each seen ~90 times a stage;
+# bench/memorization.py found the base fits them no better than fresh ones); with it, NEXT_DATA=0 and ABL_AHEAD=0
+# leave the CPU to the loader's workers (no scenes made ahead).
 #   RESTART=1 STAGE=1 bash bench/gpu_chain.sh;  then FROM=warm RESTART=1 STAGE=2 …;  then FROM=warm RESTART=1 STAGE=3 …
 set -u
 STAGE=${STAGE:-1} STAGES=${STAGES:-3} PRESET=${PRESET:-small} RES=${RES:-64}
