@@ -45,7 +45,7 @@ class IndexedBatches:
     i alone), which rendered ~2,000 samples/s on one core, a fifth of what a small model trains on a GPU."""
 
     def __init__(self, source, batch_size: int, rank: int, world_size: int, workers: int = 0):
-        self.batches = _BatchSource(source, batch_size, rank, world_size)
+        self.source, self.batches = source, _BatchSource(source, batch_size, rank, world_size)
         self.bs, self.world, self.workers = batch_size, world_size, workers
         self.pos = 0  # global samples consumed
         self.skipped = 0
