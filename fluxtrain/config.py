@@ -51,6 +51,8 @@ class DataConfig:
     path: str | None = None
     resolution: int = 64
     complex_frac: float = 0.0
+    # DataLoader worker processes ahead of the step: webdataset decodes shards, synthetic renders scenes in them (the
+    # cache reads in the training process)
     num_workers: int = 0
     shuffle_buffer: int = 1000
     caption_dropout: float = 0.0
