@@ -17,7 +17,6 @@ host time, so a larger batch buys little.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
 import sys
@@ -26,10 +25,8 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("adherence_ablation", ROOT / "bench" / "adherence_ablation.py")
-AA = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(AA)
 sys.path.insert(0, str(ROOT / "bench"))
+import adherence_ablation as AA  # noqa: E402
 from adherence_sweep import named  # noqa: E402
 
 
