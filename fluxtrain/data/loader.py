@@ -45,17 +45,21 @@ class IndexedBatches:
     i alone), which rendered ~2,000 samples/s on one core, a fifth of what a small model trains on a GPU."""
 
     def __init__(self, source, batch_size: int, rank: int, world_size: int, workers: int = 0):
-        self.source, self.batches = source, _BatchSource(source, batch_size, rank, world_size)
-        self.bs, self.world, self.workers = batch_size, world_size, workers
+        self.batches, self.workers = _BatchSource(source, batch_size, rank, world_size), workers
         self.pos = 0  # global samples consumed
         self.skipped = 0
         self._it = None  # the workers' iterator, started at the position it was made for
+
+    @property
+    def source(self):
+        return self.batches.source
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict:
-        k = self.pos // (self.bs * self.world)
+        step = self.batches.bs * self.batches.world  # global samples a micro-batch takes
+        k = self.pos // step
         if self.workers <= 0:
             batch = self.batches[k]
         else:
@@ -64,7 +68,7 @@ class IndexedBatches:
                                                      sampler=range(k, len(self.batches)), prefetch_factor=4)
                 self._it = iter(loader)
             batch = next(self._it)
-        self.pos += self.bs * self.world
+        self.pos += step
         return batch
 
     def state_dict(self) -> dict:
