@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # #6 on 1 GPU, ~5 minutes: the chain stage's training speed at larger batches, one variant at a time on one
-# machine (bench/step_speed.py; a cache of 16,384 scenes, the deep preset, the T5 trained to bind, CUDA graphs). The stage ran 6,098 samples/s at batch 256 in fp32/TF32, 3.8% MFU (twentieth session): if the step
-# were mostly host time, a larger batch would be nearly free. It is not: 512 gave 1.13x, 1024 1.24x (twenty-first
-# session, H100; bench/RESULTS.md). Carry [".whl"].
+# machine (bench/step_speed.py; a cache of 16,384 scenes, the deep preset, the T5 trained to bind, CUDA graphs).
+# The stage ran 6,098 samples/s at batch 256 in fp32/TF32, 3.8% MFU (twentieth session): if the step were mostly
+# host time, a larger batch would be nearly free. It is not: 512 gave 1.13x, 1024 1.24x (twenty-first session, H100;
+# bench/RESULTS.md). Carry [".whl"].
 set -u
 source bench/gpu_env.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
