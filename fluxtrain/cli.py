@@ -6,6 +6,8 @@ import argparse
 import os
 import sys
 
+from fluxtrain.argtypes import positive_int, resolution
+
 
 def _die(msg: str) -> int:
     print(f"fluxtrain: error: {msg}", file=sys.stderr)
@@ -20,9 +22,9 @@ def cmd_train(argv: list[str]) -> int:
     while i < len(argv):
         a = argv[i]
         if a == "--config" or a.startswith("--config="):
-            cfg_path, i = (a.split("=", 1)[1], i + 1) if "=" in a else (argv[i + 1] if i + 1 < len(argv) else None, i + 2)
+            cfg_path, i = (a.split("=", 1)[1], i + 1) if "=" in a else (_value(argv, i, "a TOML file"), i + 2)
         elif a in ("--nproc-per-node", "--nproc_per_node") or a.startswith(("--nproc-per-node=", "--nproc_per_node=")):
-            val, i = (a.split("=", 1)[1], i + 1) if "=" in a else (argv[i + 1], i + 2)
+            val, i = (a.split("=", 1)[1], i + 1) if "=" in a else (_value(argv, i, "a number or 'auto'"), i + 2)
             nproc = _nproc(val)
         else:
             rest.append(a)
@@ -30,11 +32,21 @@ def cmd_train(argv: list[str]) -> int:
     cfg = C.load(cfg_path, _accelerate_overrides() + rest)
     nproc = nproc or cfg.parallel.nproc_per_node
     if nproc > 1 and "RANK" not in os.environ:
+        C.validate_world(cfg, nproc, nproc)  # one node: the world is the local world
         return _spawn_torchrun(nproc, argv)
     from fluxtrain.train import train
 
     out = train(cfg)
     return 0 if out is not None else 1
+
+
+def _value(argv: list[str], i: int, what: str) -> str:
+    """The value after option argv[i]; a missing one is an error (`--config` alone trained the defaults)."""
+    from fluxtrain.config import ConfigError
+
+    if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+        raise ConfigError(f"{argv[i]} needs a value: {argv[i]} <{what}>")
+    return argv[i + 1]
 
 
 def _nproc(val: str) -> int:
@@ -85,13 +97,13 @@ def cmd_data(argv: list[str]) -> int:
     sub = ap.add_subparsers(dest="what", required=True)
     s = sub.add_parser("synth", help="render the synthetic compositional-shapes set into WebDataset shards")
     s.add_argument("--out", required=True)
-    s.add_argument("--num", type=int, required=True)
-    s.add_argument("--size", type=int, default=64)
+    s.add_argument("--num", type=positive_int, required=True)
+    s.add_argument("--size", type=positive_int, default=64)
     s.add_argument("--complex-frac", type=float, default=0.0)
     s.add_argument("--noise-frac", type=float, default=0.0)
     s.add_argument("--prompts", default=None)
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--per-shard", type=int, default=1000)
+    s.add_argument("--per-shard", type=positive_int, default=1000)
     c = sub.add_parser("clean", help="drop label noise and broken samples, write clean shards and a report")
     c.add_argument("--in", dest="inp", required=True)
     c.add_argument("--out", required=True)
@@ -113,8 +125,8 @@ def cmd_sample(argv: list[str]) -> int:
     ap.add_argument("--model", required=True, help="a diffusers FLUX folder, or a checkpoint step-N folder or URL (s3://…)")
     ap.add_argument("--prompt", action="append", required=True)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--resolution", type=int, default=None)
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--resolution", type=resolution, default=None)
+    ap.add_argument("--steps", type=positive_int, default=20)
     ap.add_argument("--guidance", type=float, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-text-tokens", type=int, default=None, help="as fluxtrain eval's")
@@ -182,13 +194,25 @@ def main(argv: list[str] | None = None) -> int:
         if err.name and err.name.startswith("fluxtrain."):
             return _die(f"'fluxtrain {cmd}' is not available in this version ({err.name} missing)")
         raise
-    except RuntimeError as err:
-        # CheckpointError, looked up only where raised: importing fluxtrain.checkpoint (torch) here would cost every
-        # light command (plan, report) 2 s
-        ckpt = sys.modules.get("fluxtrain.checkpoint")
-        if ckpt is None or not isinstance(err, ckpt.CheckpointError):
+    except (RuntimeError, ValueError) as err:
+        if not isinstance(err, _input_errors()):
             raise
         return _die(str(err))
+    except OSError as err:
+        # a path that can't be written or read (an output folder under a file, no permission, a disk full): the
+        # path and the reason are the message; an OSError without a path is not about the user's input
+        if err.filename is None:
+            raise
+        return _die(f"{err.filename}: {err.strerror or err} (check the path and its permissions)")
+
+
+def _input_errors() -> tuple[type, ...]:
+    """The errors that are about the user's input (checkpoint, data, weights, adapters): one line, no traceback.
+    Looked up only in modules already imported: importing fluxtrain.checkpoint (torch) here would cost every light
+    command (plan, report) 2 s."""
+    where = {"fluxtrain.checkpoint": "CheckpointError", "fluxtrain.data.webdataset": "DataError",
+             "fluxtrain.models.flux": "WeightsError", "fluxtrain.lora": "LoraError"}
+    return tuple(getattr(sys.modules[m], name) for m, name in where.items() if m in sys.modules)
 
 
 if __name__ == "__main__":

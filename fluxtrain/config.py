@@ -349,11 +349,16 @@ def _one_line(err: pydantic.ValidationError) -> str:
     return f"{loc}: {msg} (got {e.get('input')!r})"
 
 
-def from_dict(raw: dict[str, Any], origin: str = "config") -> Config:
+def from_dict(raw: dict[str, Any], origin: str = "config", overrides: dict | None = None) -> Config:
+    """`overrides`: the part of `raw` that came from the command line, so that a bad value there is not blamed on
+    the file."""
     _check_keys(raw, origin)
     try:
         cfg = pydantic.TypeAdapter(Config).validate_python(raw)
     except pydantic.ValidationError as err:
+        loc = err.errors()[0]["loc"]
+        if overrides and len(loc) >= 2 and loc[1] in overrides.get(loc[0], {}):
+            origin = "command line"
         raise ConfigError(f"{origin}: {_one_line(err)}") from None
     validate(cfg)
     return cfg
@@ -380,7 +385,7 @@ def load(path: str | os.PathLike | None, overrides: list[str] | None = None) -> 
         _check_keys(raw, origin)
     over = parse_overrides(overrides or [])
     _check_keys(over, "command line")
-    return from_dict(_merge(raw, over), origin)
+    return from_dict(_merge(raw, over), origin, over)
 
 
 def validate(cfg: Config) -> None:
@@ -388,10 +393,22 @@ def validate(cfg: Config) -> None:
     t, p, d = cfg.train, cfg.parallel, cfg.data
     positive = {"train.steps": t.steps, "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum,
                 "data.resolution": d.resolution, "checkpoint.interval": cfg.checkpoint.interval,
-                "log.interval": cfg.log.interval, "parallel.ac_every": p.ac_every}
+                "log.interval": cfg.log.interval, "parallel.ac_every": p.ac_every,
+                "model.max_text_tokens": cfg.model.max_text_tokens, "ema.every": cfg.ema.every,
+                "eval.num_inference_steps": cfg.eval.num_inference_steps}
     for k, v in positive.items():
         if v < 1:
             raise ConfigError(f"{k} must be ≥ 1 (got {v})")
+    resume = cfg.checkpoint.resume
+    if resume not in ("auto", "never") and "://" not in resume and not Path(resume).exists():
+        raise ConfigError(f"checkpoint.resume '{resume}' does not exist: give a checkpoint step-N folder or URL, "
+                          "or auto (the run's latest) or never")
+    if not cfg.optim.lr > 0:
+        raise ConfigError(f"optim.lr must be > 0 (got {cfg.optim.lr}); to freeze the weights, evaluate instead of training")
+    if d.num_workers < 0:
+        raise ConfigError(f"data.num_workers must be ≥ 0 (0 = load in the training process), got {d.num_workers}")
+    if "://" not in t.output_dir and Path(t.output_dir).exists() and not Path(t.output_dir).is_dir():
+        raise ConfigError(f"train.output_dir '{t.output_dir}' is a file, not a folder: give another path")
     if p.cpu_threads < 0:
         raise ConfigError(f"parallel.cpu_threads must be ≥ 0 (0 = auto), got {p.cpu_threads}")
     if d.resolution % 16:
@@ -471,7 +488,8 @@ def _cuda_available() -> bool:
 
 
 def validate_world(cfg: Config, world_size: int, local_world_size: int) -> None:
-    """Checks that need the launch geometry (still before the process group)."""
+    """Checks that need the launch geometry (still before the process group; `fluxtrain train --nproc-per-node N` also
+    runs them before it starts torchrun, so that the error is one line, not one per rank and torchrun's traceback)."""
     p = cfg.parallel
     if p.strategy == "HYBRID_SHARD":
         shard = p.shard_size or local_world_size

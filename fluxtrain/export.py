@@ -32,6 +32,8 @@ def run_config_of(ckpt: str | Path) -> C.Config:
         found = next((f for f in (f"{path}/config.toml", f"{run}/config.toml") if fs.isfile(f)), None)
         data = found and fs.cat_file(found)
     if found is None:
+        if not is_url(ckpt) and not Path(ckpt).exists():
+            raise C.ConfigError(f"{ckpt} does not exist: check the path")
         raise C.ConfigError(f"{ckpt}: no config.toml inside or two levels up; is this a checkpoints/step-N folder?")
     origin = fs.unstrip_protocol(found) if is_url(ckpt) else found
     return C.from_dict(C.parse_toml(data, origin, "fix it or copy the run's config.toml there"), origin)

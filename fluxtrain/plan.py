@@ -35,6 +35,7 @@ import argparse
 from dataclasses import dataclass
 
 from fluxtrain import config as C
+from fluxtrain.argtypes import positive_float, positive_int
 from fluxtrain.models.presets import transformer_kwargs
 
 GIB = 2**30
@@ -239,11 +240,11 @@ def _bigger_ring(cfg: C.Config, plan: Plan, gpus: int, budget_gib: float) -> tup
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="fluxtrain plan")
     ap.add_argument("--config", required=True)
-    ap.add_argument("--gpus", type=int, required=True)
-    ap.add_argument("--gpu-mem-gib", type=float, required=True)
-    ap.add_argument("--host-mem-gib", type=float, default=None,
+    ap.add_argument("--gpus", type=positive_int, required=True)
+    ap.add_argument("--gpu-mem-gib", type=positive_float, required=True)
+    ap.add_argument("--host-mem-gib", type=positive_float, default=None,
                     help="a node's memory: the recommendation keeps offloaded and staged state within it")
-    ap.add_argument("--gpus-per-node", type=int, default=None, help="default: all GPUs, up to 8")
+    ap.add_argument("--gpus-per-node", type=positive_int, default=None, help="default: all GPUs, up to 8")
     a, rest = ap.parse_known_args(argv)
     cfg = C.load(a.config, rest)
     plan = predict(cfg, a.gpus)

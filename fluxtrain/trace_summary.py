@@ -101,8 +101,11 @@ def load(path: str | Path) -> list[dict]:
     if not p.is_file():
         raise FileNotFoundError(f"no trace at {p}: profile with log.profile_steps = [a, b] (run_dir/profile/)")
     opener = gzip.open if p.suffix == ".gz" else open
-    with opener(p, "rt") as f:
-        data = json.load(f)
+    try:
+        with opener(p, "rt") as f:
+            data = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError, gzip.BadGzipFile) as err:
+        raise ValueError(f"not a profiler trace (the JSON that log.profile_steps writes to run_dir/profile/): {err}") from None
     return data["traceEvents"] if isinstance(data, dict) else data
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
+from fluxtrain.argtypes import positive_int, resolution
 from fluxtrain.data.prompts import PROMPTS_DIR, canonical_key, heldout_keys, parse_prompt, read_prompts
 from fluxtrain.eval.shapes_checker import check, check_many
 
@@ -203,7 +204,7 @@ def checker_main(argv: list[str]) -> int:
                     "the files the shell expanded it to)")
     ap.add_argument("--out", default=None, help="JSON report (default: print it)")
     ap.add_argument("--grid", default=None, help="PNG of the failing pairs")
-    ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--limit", type=positive_int, default=None)
     a = ap.parse_args(argv)
     a.shards = " ".join(a.shards)
     t0 = time.time()
@@ -262,8 +263,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="prompt file (one a line; repeatable); default: the shipped simple and complex sets")
     ap.add_argument("--out", default="eval.json")
     ap.add_argument("--grid", default=None, help="PNG of the failures (default: next to --out, *-failures.png)")
-    ap.add_argument("--steps", type=int, default=None, help="default: the run's eval.num_inference_steps, else 20")
-    ap.add_argument("--resolution", type=int, default=None,
+    ap.add_argument("--steps", type=positive_int, default=None, help="default: the run's eval.num_inference_steps, else 20")
+    ap.add_argument("--resolution", type=resolution, default=None,
                     help="default: the run's data.resolution, else 64 for a ×4 VAE (tiny) and 512 otherwise")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--guidance", type=float, default=None, help="default: the run's model.guidance, else 3.5")
@@ -276,8 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cfg-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                     help="apply --true-cfg only at sampling steps whose σ (shifted; 1 = noise, 0 = image) is in "
                          "[LO, HI]; the others use the prompt alone (default: every step)")
-    ap.add_argument("--limit", type=int, default=None, help="evaluate this many prompts, spread over the sets")
-    ap.add_argument("--batch", type=int, default=16, help="prompts per generation chunk")
+    ap.add_argument("--limit", type=positive_int, default=None, help="evaluate this many prompts, spread over the sets")
+    ap.add_argument("--batch", type=positive_int, default=16, help="prompts per generation chunk")
     ap.add_argument("--clip", default=None, help="local CLIP model folder: also report the mean CLIP score")
     ap.add_argument("--train-shards", default=None, help="count overlap against these shards' captions")
     ap.add_argument("--device", default=None)

@@ -1,0 +1,35 @@
+"""argparse types for the commands' numeric options: a bad value is argparse's one-line error (exit code 2) that
+names the option, before anything is loaded (`data synth --num -5` reported writing -5 samples)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def positive_int(text: str) -> int:
+    v = _number(text, int)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be ≥ 1 (got {v})")
+    return v
+
+
+def positive_float(text: str) -> float:
+    v = _number(text, float)
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 (got {v})")
+    return v
+
+
+def resolution(text: str) -> int:
+    """Pixels per side: the VAE's ×8 and the 2×2 patch packing need a multiple of 16."""
+    v = positive_int(text)
+    if v % 16:
+        raise argparse.ArgumentTypeError(f"must be a multiple of 16 (VAE ×8 and 2×2 packing), got {v}")
+    return v
+
+
+def _number(text: str, kind: type):
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a{'n integer' if kind is int else ' number'}: '{text}'") from None

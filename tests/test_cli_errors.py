@@ -1,0 +1,69 @@
+"""Bad command lines end in one `fluxtrain: error:` line (or argparse's, naming the option) with exit code 2: no
+traceback, no run started. Each case here was a traceback or a silent run before (an audit of 62 bad inputs)."""
+
+import pytest
+
+from fluxtrain import cli
+from tests.helpers import fluxtrain
+
+
+def _one_line(capsys, rc: int, *parts: str) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err, err
+    assert "Traceback" not in "\n".join(err)
+    assert all(p in err[-1] for p in parts), err[-1]
+    return err[-1]
+
+
+def test_an_option_without_its_value_is_an_error_not_the_defaults(capsys):
+    # `train --config` alone trained the built-in defaults into runs/demo
+    _one_line(capsys, cli.main(["train", "--config"]), "--config needs a value")
+    _one_line(capsys, cli.main(["train", "--config", "--train.steps", "2"]), "--config needs a value")
+    _one_line(capsys, cli.main(["train", "--config", "configs/tiny.toml", "--nproc-per-node"]),
+              "--nproc-per-node needs a value")
+
+
+def test_the_world_is_checked_before_torchrun_starts(capsys, monkeypatch):
+    # it was checked in every rank: the error twice, then torchrun's ChildFailedError traceback
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr(cli, "_spawn_torchrun", lambda *a: pytest.fail("torchrun started"))
+    rc = cli.main(["train", "--config", "configs/tiny.toml", "--nproc-per-node", "2",
+                   "--parallel.strategy", "HYBRID_SHARD", "--parallel.shard_size", "3"])
+    line = _one_line(capsys, rc, "HYBRID_SHARD shard size 3 does not divide the world size 2")
+    assert line.startswith("fluxtrain: error: ")
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["plan", "--config", "configs/flux-dev.toml", "--gpus", "0", "--gpu-mem-gib", "40"], "--gpus: must be ≥ 1"),
+    (["plan", "--config", "configs/flux-dev.toml", "--gpus", "2", "--gpu-mem-gib", "-4"], "--gpu-mem-gib: must be > 0"),
+    (["data", "synth", "--out", "x", "--num", "-5"], "--num: must be ≥ 1"),
+    (["data", "synth", "--out", "x", "--num", "4", "--per-shard", "0"], "--per-shard: must be ≥ 1"),
+    (["eval", "--model", "x", "--steps", "0"], "--steps: must be ≥ 1"),
+    (["eval", "--model", "x", "--resolution", "50"], "--resolution: must be a multiple of 16"),
+    (["eval", "--model", "x", "--limit", "-1"], "--limit: must be ≥ 1"),
+    (["sample", "--model", "x", "--prompt", "a", "--out", "o", "--steps", "abc"], "--steps: not an integer"),
+])
+def test_bad_numbers_are_argparse_errors_naming_the_option(capsys, argv, needle):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    _one_line(capsys, e.value.code, needle)
+
+
+def test_paths_that_cannot_be_used_are_one_line(capsys, tmp_path):
+    (tmp_path / "afile").write_text("")
+    _one_line(capsys, cli.main(["data", "synth", "--out", str(tmp_path / "afile" / "x"), "--num", "2"]),
+              f"{tmp_path / 'afile' / 'x'}", "Not a directory")
+    _one_line(capsys, cli.main(["export", "--checkpoint", str(tmp_path / "nope" / "step-1"), "--out", "o"]),
+              f"{tmp_path / 'nope' / 'step-1'} does not exist")
+    _one_line(capsys, cli.main(["trace", str(tmp_path / "afile")]), "not a profiler trace")
+
+
+def test_unusable_shards_are_one_line_not_a_traceback(tmp_path):
+    # DataError reached the user as a traceback: the command line did not catch it
+    (tmp_path / "bad-0.tar").write_bytes(b"not a tar at all" * 10)
+    res = fluxtrain(["train", "--config", "configs/tiny.toml", "--train.steps", "2", "--data.source", "webdataset",
+                     "--data.path", str(tmp_path / "bad-*.tar"), "--train.output_dir", str(tmp_path / "run")],
+                    timeout=300)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("fluxtrain: error: ") and "no usable sample" in last and "bad-0.tar" in last, last
