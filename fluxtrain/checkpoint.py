@@ -164,11 +164,25 @@ def _reason(err: BaseException) -> str:
         rank, (exc, _) = next(iter(err.failures.items()))
         return f"rank {rank}: {_reason(exc)}"
     lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {lines[0] if lines else ''}"[:300]
+    return (f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__)[:300]
+
+
+DAMAGED = ("its files are damaged or missing: use an earlier step-N folder (a resume: --checkpoint.resume PATH), or "
+           "move this one aside")
+
+
+def load_failure(path, err: BaseException) -> CheckpointError:
+    """A failed DCP load as one line: a model/config that does not fit (DCP names the key or the sizes), or files
+    that can't be read (truncated, overwritten, deleted: EOFError, an unpickling error, FileNotFoundError)."""
+    msg = [m.strip() for m in str(err).strip().splitlines()]
+    fit = next((m for m in reversed(msg) if "Missing key" in m or "ize mismatch" in m), None)
+    if fit is not None:
+        return CheckpointError(f"{path} does not fit this model/config: {fit.split(': ', 1)[-1][:300]}")
+    return CheckpointError(f"{path} cannot be read ({_reason(err)}): {DAMAGED}")
 
 
 @contextlib.contextmanager
-def _storage(what: str, where, fix: str = ""):
+def _storage(what: str, where, fix: str | None = ""):
     """Storage failures as one CheckpointError line: what failed, why, and what to do about it."""
     try:
         yield
@@ -539,11 +553,7 @@ class Checkpointer:
         try:
             dcp.load(state, checkpoint_id=str(path), storage_reader=reader)
         except (Exception, CheckpointException) as err:  # DCP's exception is a BaseException; it names the key
-            msg = [m.strip() for m in str(err).strip().splitlines()]
-            first = next((m for m in reversed(msg) if m.startswith(("RuntimeError:", "ValueError:", "KeyError:"))
-                          or "Missing key" in m or "ize mismatch" in m), msg[-1] if msg else repr(err))
-            first = first.split(": ", 1)[1] if first.startswith(("RuntimeError:", "ValueError:", "KeyError:")) else first
-            raise CheckpointError(f"{path} does not fit this model/config: {first[:300]}") from None
+            raise load_failure(path, err) from None
         set_model_state_dict(model, state["model"], options=self.model_options)
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
@@ -556,9 +566,11 @@ class Checkpointer:
             sched.last_epoch = int(state["sched"]["last_epoch"])
             sched._last_lr = [g["lr"] for g in opt.param_groups]
         fs, p = _fs(path)
-        with _storage(f"rank {self.rank}: cannot read {path}", path):
+        with _storage(f"rank {self.rank}: cannot read {path}", path, None if is_url(path) else DAMAGED):
             own = f"{p}/rank-{self.rank}.json"
             extra = json.loads(fs.cat_file(own if fs.exists(own) else f"{p}/rank-0.json"))
+            if not isinstance(extra, dict) or not isinstance(extra.get("step"), int):
+                raise ValueError(f"{own if fs.exists(own) else 'rank-0.json'} has no step count")
             if extra.get("world_size") == self.world:
                 _set_rng_state(load_tensors(fs.cat_file(f"{p}/rng-{self.rank}.safetensors")), self.device)
         extra["resharded"] = extra.get("world_size") != self.world

@@ -509,6 +509,29 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     return clean(asdict(cfg))
 
 
+def changes(saved: bytes, cfg: Config, ignore: tuple[str, ...] = ("checkpoint.resume",)) -> list[str]:
+    """`section.key: old → new` for each setting of `cfg` that differs from a saved config.toml (a checkpoint's):
+    a resume with another lr, batch or seed is allowed, and said."""
+    try:
+        old = tomllib.loads(saved.decode())
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return ["(the checkpoint's config.toml is not valid TOML: not compared)"]
+    new, out = to_dict(cfg), []
+    for sec in sorted(set(old) | set(new)):
+        a, b = old.get(sec, {}), new.get(sec, {})
+        if not isinstance(a, dict) or not isinstance(b, dict):
+            continue
+        for key in sorted(set(a) | set(b)):
+            name = f"{sec}.{key}"
+            if name not in ignore and _norm(a.get(key)) != _norm(b.get(key)):
+                out.append(f"{name}: {a.get(key)!r} → {b.get(key)!r}")
+    return out
+
+
+def _norm(v):
+    return [_norm(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+
 def dumps(cfg: Config) -> str:
     return tomli_w.dumps(to_dict(cfg))
 

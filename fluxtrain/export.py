@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from fluxtrain import config as C
-from fluxtrain.checkpoint import _fs, _storage, is_url, location, read_metadata, storage_reader
+from fluxtrain.checkpoint import _fs, _storage, is_url, load_failure, location, read_metadata, storage_reader
 
 THREADS = 4  # blocks in flight; each holds one block in the export dtype (0.7 GB for FLUX.1-dev's double blocks)
 PIPELINE_PARTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
@@ -83,8 +83,13 @@ def _read(ckpt, known, into: dict[str, torch.Tensor], section: str = "model") ->
     checkpoint's metadata, read once for all blocks (on S3, a fetch of .metadata per block otherwise)."""
     import torch.distributed.checkpoint as dcp
 
+    from torch.distributed.checkpoint.api import CheckpointException
+
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # no process group, on purpose
-    dcp.load({section: into}, storage_reader=storage_reader(ckpt, known), no_dist=True)
+    try:
+        dcp.load({section: into}, storage_reader=storage_reader(ckpt, known), no_dist=True)
+    except (Exception, CheckpointException) as err:  # a truncated or deleted .distcp: a traceback before
+        raise load_failure(ckpt, err) from None
     return into
 
 

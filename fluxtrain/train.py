@@ -323,6 +323,13 @@ def _train(cfg: C.Config, D: pmesh.Dist, run_dir: Path, log) -> dict:
             data.load_state_dict(_reshard_data_state(extra["data"]))
         log.info(f"resumed from {resume} at step {start}" + (" (world size changed: data position kept by "
                  "global sample count, RNG reseeded)" if extra["resharded"] else ""))
+        changed = _config_changes(resume, cfg)
+        if changed:
+            log.info(f"settings changed since the checkpoint ({len(changed)}): " + "; ".join(changed[:12])
+                     + ("; …" if len(changed) > 12 else ""))
+        if start >= tc.steps:
+            log.warning(f"the checkpoint is at step {start}, at or past train.steps = {tc.steps}: nothing to train; "
+                        f"raise --train.steps to continue")
         metrics.event(start, "resume", path=str(resume), resharded=extra["resharded"])
 
     stop = {"signal": None}
@@ -442,6 +449,17 @@ def _test_fault_hooks(step: int, rank: int) -> None:
         if env.get(var) and int(env[var]) == step and not env.get("FLUXTRAIN_TEST_FAULT_DONE"):
             env["FLUXTRAIN_TEST_FAULT_DONE"] = "1"
             os.kill(os.getpid(), sig)
+
+
+def _config_changes(resume, cfg: C.Config) -> list[str]:
+    """The settings that differ from the checkpoint's own config.toml (none there: checkpoints before the copy)."""
+    from fluxtrain.checkpoint import _fs
+
+    fs, p = _fs(resume)
+    try:
+        return C.changes(fs.cat_file(f"{p}/config.toml"), cfg) if fs.exists(f"{p}/config.toml") else []
+    except OSError:  # a note, never the end of a resume
+        return []
 
 
 def _reshard_data_state(state: dict) -> dict:

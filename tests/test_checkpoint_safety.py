@@ -201,3 +201,47 @@ def test_dtypes_and_layouts_of_any_tensor_are_allowed(tmp_path):
     got = read_metadata(tmp_path).state_dict_metadata
     assert {k: got[k].properties.dtype for k in state} == {k: v.dtype for k, v in state.items()}
     assert got["d"].properties.layout == torch.strided
+
+
+@pytest.mark.parametrize("damage", ["truncated", "deleted"])
+def test_damaged_weight_files_are_one_line_and_a_failed_export_leaves_no_weights(run, tmp_path, damage):
+    # a truncated or deleted .distcp was a traceback, and the export it broke left its planned weights file in place,
+    # whole in size and zeros where unwritten: a file that looked usable
+    ckpt = _copy(run, tmp_path)
+    shard = ckpt / "__1_0.distcp"
+    if damage == "deleted":
+        shard.unlink()
+    else:
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])
+    with pytest.raises(CheckpointError, match="cannot be read .*damaged or missing") as err:
+        load_checkpoint_model(ckpt)
+    assert "\n" not in str(err.value)
+    res = fluxtrain(["export", "--checkpoint", str(ckpt), "--format", "bfl", "--out", str(tmp_path / "f.safetensors")])
+    _one_line_error(res, f"{ckpt} cannot be read", "damaged or missing")
+    assert not (tmp_path / "f.safetensors").exists()
+    res = fluxtrain(["export", "--checkpoint", str(ckpt), "--format", "diffusers", "--out", str(tmp_path / "d")])
+    _one_line_error(res, f"{ckpt} cannot be read")
+    assert not list((tmp_path / "d" / "transformer").glob("*.safetensors"))
+    res = fluxtrain(["train", "--config", "configs/tiny.toml", *ARGS, "--train.steps", "6", "--checkpoint.resume",
+                     str(ckpt), "--train.output_dir", str(tmp_path / "resumed")], timeout=300)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert res.stderr.strip().splitlines()[-1].startswith(f"fluxtrain: error: {ckpt} cannot be read ("), \
+        res.stderr[-2000:]
+
+
+def test_a_resume_says_what_changed_and_when_nothing_is_left_to_train(run, tmp_path):
+    ckpt = _copy(run, tmp_path)
+    res = fluxtrain(["train", "--config", "configs/tiny.toml", *ARGS, "--train.steps", "3", "--optim.lr", "1e-3",
+                     "--checkpoint.resume", str(ckpt), "--train.output_dir", str(tmp_path / "resumed")], timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    log = res.stdout + res.stderr
+    assert "settings changed since the checkpoint" in log and "optim.lr: 0.002 → 0.001" in log, log[-3000:]
+    assert "train.steps: 4 → 3" in log
+    assert "at step 4, at or past train.steps = 3: nothing to train" in log
+    # a step count that is not there (rank-0.json emptied) is one line, not a KeyError
+    (ckpt / "rank-0.json").write_text("{}")
+    (ckpt / "rank-1.json").unlink(missing_ok=True)
+    res = fluxtrain(["train", "--config", "configs/tiny.toml", *ARGS, "--train.steps", "6", "--checkpoint.resume",
+                     str(ckpt), "--train.output_dir", str(tmp_path / "resumed2")], timeout=300)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert "has no step count" in res.stderr.strip().splitlines()[-1], res.stderr[-2000:]

@@ -130,10 +130,12 @@ Specs = dict[str, tuple[tuple[int, ...], torch.dtype]]  # tensor name → (shape
 class SafetensorsWriter:
     """Safetensors files laid out up front from names, shapes and dtypes, then filled one tensor at a time, in any
     order and from any thread (`os.pwrite` at the planned offset): no file's contents are ever in memory at once.
-    Use as a context manager; leaving it without an error checks that every tensor was written."""
+    Use as a context manager; leaving it without an error checks that every tensor was written, leaving it with one
+    deletes the files (laid out whole, their unwritten tensors are zeros: a failed export looked usable)."""
 
     def __init__(self, files: dict[Path, Specs]):
         self._fds: list[int] = []
+        self._paths = list(files)
         self._at: dict[str, tuple[int, int, tuple[int, ...], torch.dtype]] = {}
         for path, specs in files.items():
             header, end, spans = {"__metadata__": {"format": "pt"}}, 0, {}
@@ -165,6 +167,9 @@ class SafetensorsWriter:
     def __exit__(self, exc_type, *_) -> None:
         for fd in self._fds:
             os.close(fd)
+        if exc_type is not None or self._at:
+            for path in self._paths:
+                Path(path).unlink(missing_ok=True)
         if exc_type is None and self._at:
             raise WeightsError(f"'{next(iter(self._at))}' (and {len(self._at) - 1} more) never written")
 
