@@ -319,7 +319,8 @@ def clean(inp_glob: str, out_dir: str | Path, clip_dir: str | Path | None = None
     (out / "report.json").write_text(json.dumps(report, indent=2))
     if verbose:
         why = ", ".join(f"{r} {n}" for r, n in n_drop.items() if n) or "nothing"
-        extra = f"; {len(errors)} damaged shard(s)" if errors else ""
+        names = ", ".join(Path(e["shard"]).name for e in errors[:3]) + (", …" if len(errors) > 3 else "")
+        extra = f"; {len(errors)} damaged shard(s): {names} (report.json says why)" if errors else ""
         extra += f"; {counts['unchecked']} kept unchecked (caption outside the grammar)" if counts["unchecked"] else ""
         print(f"cleaned {counts['total']} samples from {len(shards)} shard(s): kept {counts['kept']}, dropped "
               f"{report['dropped']} ({why}){extra} -> {out}")
@@ -328,13 +329,17 @@ def clean(inp_glob: str, out_dir: str | Path, clip_dir: str | Path | None = None
 
 def main(inp_glob: str, out_dir: str, clip_dir: str | None = None, clip_min: float = 28.0, **kw) -> int:
     """Entry of `fluxtrain data clean --in GLOB --out DIR`; 0 on success, 2 if no shard matches."""
-    try:
-        clean(inp_glob, out_dir, clip_dir=clip_dir, clip_min=clip_min, **kw)
-    except FileNotFoundError as err:
-        import sys
+    import sys
 
+    try:
+        report = clean(inp_glob, out_dir, clip_dir=clip_dir, clip_min=clip_min, **kw)
+    except FileNotFoundError as err:
         print(f"fluxtrain: error: {err}", file=sys.stderr)
         return 2
+    if report["total"] == 0 and report["shard_errors"]:  # not a clean set: nothing could be read
+        print(f"fluxtrain: error: no sample could be read from {inp_glob}: all {report['shards_in']} shard(s) are "
+              f"damaged or not tar files ({Path(out_dir) / 'report.json'} lists why)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -158,3 +158,21 @@ def test_tar_members_round_trip(tmp_path):
             tf.addfile(info, io.BytesIO(data))
     got = list(iter_samples([str(p)]))
     assert [s["__key__"] for s in got] == ["a/k1", "a/k2"] and got[1]["seg.png"] == b"2"
+
+
+def test_input_that_cannot_be_read_at_all_fails_and_names_the_shards(dataset, tmp_path, capsys):
+    from fluxtrain.data.clean import main
+
+    root, *_ = dataset
+    data = (root / "in" / "shard-000000.tar").read_bytes()
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "shard-a.tar").write_bytes(data[: len(data) // 2])
+    (d / "shard-b.tar").write_bytes(b"not a tar at all")
+    assert main(str(d / "*.tar"), str(tmp_path / "out")) == 0  # half a shard is still data
+    assert "2 damaged shard(s): shard-a.tar, shard-b.tar" in capsys.readouterr().out
+    (d / "shard-a.tar").write_bytes(b"junk")
+    # everything damaged was "kept 0" with exit code 0 and an empty shard written: a clean set of nothing
+    assert main(str(d / "*.tar"), str(tmp_path / "out2")) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no sample could be read" in err[0] and "all 2 shard(s)" in err[0], err
