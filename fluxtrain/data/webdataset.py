@@ -25,7 +25,7 @@ one epoch of this slot's shards. With another world size, worker count or shard 
 start of the saved epoch (logged).
 
 Bad data (counted by reason in `skipped_by_reason`, each logged with its shard): `unreadable` (shard can't be opened
-or isn't a tar), `truncated` (tar ends mid-archive; the complete samples before it are kept, the partial one counted
+or isn't a tar), `empty` (a valid tar with no files), `truncated` (tar ends mid-archive; the complete samples before it are kept, the partial one counted
 once), `no_image`, `decode_error`, `no_caption` (missing or empty), `bad_caption` (not UTF-8), `too_small` (would need
 upscaling to the resolution/bucket). If more than `data.max_skip_frac` of the last `skip_window` outcomes (samples
 and shard errors) were bad, or a slot gets no usable sample in a whole epoch, iteration stops with a one-line
@@ -206,6 +206,8 @@ def read_shard(url: str):
         text = (str(exn).splitlines()[0] if str(exn) else "").split(" @ ")[0]
         reason = "truncated" if members or "unexpected end" in text else "unreadable"
         yield ("bad", reason, f"{type(exn).__name__}: {text}"[:300], partial)
+    elif not members:  # a valid tar with no files: a shard written by a job that died, say; never silent
+        yield ("bad", "empty", "a tar archive with no files", None)
     if cur is not None:
         if done is not None:
             yield ("sample", done["__n__"], done)

@@ -286,3 +286,21 @@ def test_trainer_interface(shards8):
     assert isinstance(data.skipped, int) and data.skipped_by_reason == {}
     json.dumps(data.state_dict())
     data.close()
+
+
+def test_an_empty_tar_is_counted_and_logged(tmp_path):
+    # a valid tar with no files was skipped without a word: data_skipped stayed 0
+    write_shard(tmp_path / "a-000.tar", [good(f"ok{i}") for i in range(4)])
+    write_shard(tmp_path / "a-001.tar", [])
+    cfg = cfg_for(str(tmp_path / "a-*.tar"), bs=2)
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("fluxtrain").addHandler(handler)
+    try:
+        x = build_webdataset_loader(cfg, 0, 1)
+        take(x, 2)  # one epoch: both shards read
+    finally:
+        logging.getLogger("fluxtrain").removeHandler(handler)
+    assert x.skipped_by_reason.get("empty") == 1, x.skipped_by_reason
+    assert any("empty" in r.getMessage() and "a-001.tar" in r.getMessage() for r in records)
