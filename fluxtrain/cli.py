@@ -33,6 +33,10 @@ def cmd_train(argv: list[str]) -> int:
     nproc = nproc or cfg.parallel.nproc_per_node
     if nproc > 1 and "RANK" not in os.environ:
         C.validate_world(cfg, nproc, nproc)  # one node: the world is the local world
+        if cfg.data.source == "webdataset":  # a glob that matches nothing: one line here, not one per rank
+            from fluxtrain.data.webdataset import resolve_shards
+
+            resolve_shards(cfg.data.path)
         return _spawn_torchrun(nproc, argv)
     from fluxtrain.train import train
 

@@ -67,3 +67,11 @@ def test_unusable_shards_are_one_line_not_a_traceback(tmp_path):
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("fluxtrain: error: ") and "no usable sample" in last and "bad-0.tar" in last, last
+
+
+def test_shards_that_are_not_there_are_found_before_torchrun_starts(capsys, monkeypatch, tmp_path):
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr(cli, "_spawn_torchrun", lambda *a: pytest.fail("torchrun started"))
+    rc = cli.main(["train", "--config", "configs/tiny.toml", "--nproc-per-node", "2", "--data.source", "webdataset",
+                   "--data.path", str(tmp_path / "nope-*.tar")])
+    _one_line(capsys, rc, "matches no files")
