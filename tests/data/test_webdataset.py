@@ -1,3 +1,4 @@
+import contextlib
 import io
 import json
 import logging
@@ -184,19 +185,26 @@ def test_corrupt_samples_are_skipped_and_counted(corrupt, workers):
     assert sum(x.skipped for x in ranks) == 5
 
 
-def test_skips_are_logged_with_the_shard(tmp_path):
-    make_shards(tmp_path, 2, 4)
-    (tmp_path / "list.txt").write_text("shard-000000.tar\nmissing.tar\n# comment\n\nshard-000001.tar\n")
-    cfg = cfg_for("@" + str(tmp_path / "list.txt"), bs=2)
+@contextlib.contextmanager
+def logged():
+    """The fluxtrain log records emitted inside the block."""
     records = []
     handler = logging.Handler()
     handler.emit = records.append
     logging.getLogger("fluxtrain").addHandler(handler)
     try:
-        x = build_webdataset_loader(cfg, 0, 1)
-        take(x, 9)  # more than one epoch (8 samples): the unreadable shard came up at least once
+        yield records
     finally:
         logging.getLogger("fluxtrain").removeHandler(handler)
+
+
+def test_skips_are_logged_with_the_shard(tmp_path):
+    make_shards(tmp_path, 2, 4)
+    (tmp_path / "list.txt").write_text("shard-000000.tar\nmissing.tar\n# comment\n\nshard-000001.tar\n")
+    cfg = cfg_for("@" + str(tmp_path / "list.txt"), bs=2)
+    with logged() as records:
+        x = build_webdataset_loader(cfg, 0, 1)
+        take(x, 9)  # more than one epoch (8 samples): the unreadable shard came up at least once
     assert x.skipped_by_reason.get("unreadable", 0) >= 1
     assert any("unreadable" in r.getMessage() and "missing.tar" in r.getMessage() for r in records)
 
@@ -293,14 +301,8 @@ def test_an_empty_tar_is_counted_and_logged(tmp_path):
     write_shard(tmp_path / "a-000.tar", [good(f"ok{i}") for i in range(4)])
     write_shard(tmp_path / "a-001.tar", [])
     cfg = cfg_for(str(tmp_path / "a-*.tar"), bs=2)
-    records = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logging.getLogger("fluxtrain").addHandler(handler)
-    try:
+    with logged() as records:
         x = build_webdataset_loader(cfg, 0, 1)
         take(x, 2)  # one epoch: both shards read
-    finally:
-        logging.getLogger("fluxtrain").removeHandler(handler)
     assert x.skipped_by_reason.get("empty") == 1, x.skipped_by_reason
     assert any("empty" in r.getMessage() and "a-001.tar" in r.getMessage() for r in records)
