@@ -385,7 +385,20 @@ def load(path: str | os.PathLike | None, overrides: list[str] | None = None) -> 
         _check_keys(raw, origin)
     over = parse_overrides(overrides or [])
     _check_keys(over, "command line")
-    return from_dict(_merge(raw, over), origin, over)
+    cfg = from_dict(_merge(raw, over), origin, over)
+    check_paths(cfg)
+    return cfg
+
+
+def check_paths(cfg: Config) -> None:
+    """Paths a new run reads or writes, checked where it starts (not in `validate`: a checkpoint's saved config,
+    read back by export, may name a resume folder that has moved since)."""
+    t, resume = cfg.train, cfg.checkpoint.resume
+    if "://" not in t.output_dir and Path(t.output_dir).exists() and not Path(t.output_dir).is_dir():
+        raise ConfigError(f"train.output_dir '{t.output_dir}' is a file, not a folder: give another path")
+    if resume not in ("auto", "never") and "://" not in resume and not Path(resume).exists():
+        raise ConfigError(f"checkpoint.resume '{resume}' does not exist: give a checkpoint step-N folder or URL, "
+                          "or auto (the run's latest) or never")
 
 
 def validate(cfg: Config) -> None:
@@ -399,16 +412,10 @@ def validate(cfg: Config) -> None:
     for k, v in positive.items():
         if v < 1:
             raise ConfigError(f"{k} must be ≥ 1 (got {v})")
-    resume = cfg.checkpoint.resume
-    if resume not in ("auto", "never") and "://" not in resume and not Path(resume).exists():
-        raise ConfigError(f"checkpoint.resume '{resume}' does not exist: give a checkpoint step-N folder or URL, "
-                          "or auto (the run's latest) or never")
     if not cfg.optim.lr > 0:
         raise ConfigError(f"optim.lr must be > 0 (got {cfg.optim.lr}); to freeze the weights, evaluate instead of training")
     if d.num_workers < 0:
         raise ConfigError(f"data.num_workers must be ≥ 0 (0 = load in the training process), got {d.num_workers}")
-    if "://" not in t.output_dir and Path(t.output_dir).exists() and not Path(t.output_dir).is_dir():
-        raise ConfigError(f"train.output_dir '{t.output_dir}' is a file, not a folder: give another path")
     if p.cpu_threads < 0:
         raise ConfigError(f"parallel.cpu_threads must be ≥ 0 (0 = auto), got {p.cpu_threads}")
     if d.resolution % 16:

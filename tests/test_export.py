@@ -207,3 +207,16 @@ def test_eval_of_a_folder_without_fluxtrain_json_says_so_and_takes_a_text_length
     assert main(common + ["--out", str(tmp_path / "c.json")]) == 0
     assert "has no fluxtrain.json" not in capsys.readouterr().err
     assert json.loads((tmp_path / "c.json").read_text())["max_text_tokens"] == 24
+
+
+def test_a_checkpoint_whose_run_resumed_from_a_moved_folder_still_exports(tmp_path):
+    # the config a checkpoint keeps may name the folder its run resumed from; that folder need not exist at export
+    from fluxtrain import config as C
+    from fluxtrain.export import run_config_of
+
+    ckpt = tmp_path / "run" / "checkpoints" / "step-00000002"
+    ckpt.mkdir(parents=True)
+    cfg = C.load("configs/tiny.toml")
+    cfg.checkpoint.resume = str(tmp_path / "moved" / "step-00000001")
+    C.save(cfg, ckpt / "config.toml")
+    assert run_config_of(ckpt).checkpoint.resume == cfg.checkpoint.resume
