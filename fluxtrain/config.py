@@ -386,14 +386,16 @@ def load(path: str | os.PathLike | None, overrides: list[str] | None = None) -> 
     over = parse_overrides(overrides or [])
     _check_keys(over, "command line")
     cfg = from_dict(_merge(raw, over), origin, over)
-    check_paths(cfg)
+    check_new_run(cfg)
     return cfg
 
 
-def check_paths(cfg: Config) -> None:
-    """Paths a new run reads or writes, checked where it starts (not in `validate`: a checkpoint's saved config,
-    read back by export, may name a resume folder that has moved since)."""
+def check_new_run(cfg: Config) -> None:
+    """What a run about to start needs, checked where it starts, not in `validate`: a checkpoint's saved config, read
+    back by export, may name a resume folder that has moved since (or an lr nobody trains with again)."""
     t, resume = cfg.train, cfg.checkpoint.resume
+    if not cfg.optim.lr > 0:
+        raise ConfigError(f"optim.lr must be > 0 (got {cfg.optim.lr}); to freeze the weights, evaluate instead of training")
     if "://" not in t.output_dir and Path(t.output_dir).exists() and not Path(t.output_dir).is_dir():
         raise ConfigError(f"train.output_dir '{t.output_dir}' is a file, not a folder: give another path")
     if resume not in ("auto", "never") and "://" not in resume and not Path(resume).exists():
@@ -412,8 +414,6 @@ def validate(cfg: Config) -> None:
     for k, v in positive.items():
         if v < 1:
             raise ConfigError(f"{k} must be ≥ 1 (got {v})")
-    if not cfg.optim.lr > 0:
-        raise ConfigError(f"optim.lr must be > 0 (got {cfg.optim.lr}); to freeze the weights, evaluate instead of training")
     if d.num_workers < 0:
         raise ConfigError(f"data.num_workers must be ≥ 0 (0 = load in the training process), got {d.num_workers}")
     if p.cpu_threads < 0:
