@@ -182,7 +182,7 @@ def load_failure(path, err: BaseException) -> CheckpointError:
 
 
 @contextlib.contextmanager
-def _storage(what: str, where, fix: str | None = ""):
+def _storage(what: str, where, fix: str = ""):
     """Storage failures as one CheckpointError line: what failed, why, and what to do about it."""
     try:
         yield
@@ -566,11 +566,12 @@ class Checkpointer:
             sched.last_epoch = int(state["sched"]["last_epoch"])
             sched._last_lr = [g["lr"] for g in opt.param_groups]
         fs, p = _fs(path)
-        with _storage(f"rank {self.rank}: cannot read {path}", path, None if is_url(path) else DAMAGED):
+        with _storage(f"rank {self.rank}: cannot read {path}", path, "" if is_url(path) else DAMAGED):
             own = f"{p}/rank-{self.rank}.json"
-            extra = json.loads(fs.cat_file(own if fs.exists(own) else f"{p}/rank-0.json"))
+            own = own if fs.exists(own) else f"{p}/rank-0.json"
+            extra = json.loads(fs.cat_file(own))
             if not isinstance(extra, dict) or not isinstance(extra.get("step"), int):
-                raise ValueError(f"{own if fs.exists(own) else 'rank-0.json'} has no step count")
+                raise ValueError(f"{own} has no step count")
             if extra.get("world_size") == self.world:
                 _set_rng_state(load_tensors(fs.cat_file(f"{p}/rng-{self.rank}.safetensors")), self.device)
         extra["resharded"] = extra.get("world_size") != self.world

@@ -457,8 +457,8 @@ def _config_changes(resume, cfg: C.Config) -> list[str]:
 
     fs, p = _fs(resume)
     try:
-        return C.changes(fs.cat_file(f"{p}/config.toml"), cfg) if fs.exists(f"{p}/config.toml") else []
-    except OSError:  # a note, never the end of a resume
+        return C.changes(fs.cat_file(f"{p}/config.toml"), cfg)
+    except OSError:  # none there (FileNotFoundError), or unreadable: a note, never the end of a resume
         return []
 
 
