@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from fluxtrain.data.prompts import MIN_SIZE
+
 
 def positive_int(text: str) -> int:
     v = _number(text, int)
@@ -25,6 +27,21 @@ def resolution(text: str) -> int:
     v = positive_int(text)
     if v % 16:
         raise argparse.ArgumentTypeError(f"must be a multiple of 16 (VAE ×8 and 2×2 packing), got {v}")
+    return v
+
+
+def fraction(text: str) -> float:
+    v = _number(text, float)
+    if not 0.0 <= v <= 1.0:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"must be in [0, 1] (got {v})")
+    return v
+
+
+def synth_size(text: str) -> int:
+    """The synthetic shapes need room: below MIN_SIZE pixels a complex scene's objects cannot be placed apart."""
+    v = positive_int(text)
+    if v < MIN_SIZE:
+        raise argparse.ArgumentTypeError(f"must be ≥ {MIN_SIZE} (smaller images cannot hold a complex scene), got {v}")
     return v
 
 

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from fluxtrain.argtypes import positive_int, resolution
+from fluxtrain.argtypes import fraction, positive_int, resolution, synth_size
 
 
 def _die(msg: str) -> int:
@@ -102,9 +102,9 @@ def cmd_data(argv: list[str]) -> int:
     s = sub.add_parser("synth", help="render the synthetic compositional-shapes set into WebDataset shards")
     s.add_argument("--out", required=True)
     s.add_argument("--num", type=positive_int, required=True)
-    s.add_argument("--size", type=positive_int, default=64)
-    s.add_argument("--complex-frac", type=float, default=0.0)
-    s.add_argument("--noise-frac", type=float, default=0.0)
+    s.add_argument("--size", type=synth_size, default=64)
+    s.add_argument("--complex-frac", type=fraction, default=0.0)
+    s.add_argument("--noise-frac", type=fraction, default=0.0)
     s.add_argument("--prompts", default=None)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--per-shard", type=positive_int, default=1000)

@@ -19,6 +19,8 @@ import tomli_w
 from pydantic import ConfigDict
 from pydantic.dataclasses import dataclass
 
+from fluxtrain.data.prompts import MIN_SIZE  # stdlib only: config stays light
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -420,6 +422,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"parallel.cpu_threads must be ≥ 0 (0 = auto), got {p.cpu_threads}")
     if d.resolution % 16:
         raise ConfigError(f"data.resolution must be a multiple of 16 (VAE ×8 and 2×2 packing), got {d.resolution}")
+    if d.source == "synthetic" and d.resolution < MIN_SIZE:
+        raise ConfigError(f"data.source = synthetic needs data.resolution ≥ {MIN_SIZE} (smaller images cannot hold a "
+                          f"complex scene), got {d.resolution}")
     for name, v in (("data.complex_frac", d.complex_frac), ("data.caption_dropout", d.caption_dropout),
                     ("data.caption_augment", d.caption_augment), ("data.max_skip_frac", d.max_skip_frac)):
         if not 0.0 <= v <= 1.0:

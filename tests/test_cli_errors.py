@@ -38,6 +38,10 @@ def test_the_world_is_checked_before_torchrun_starts(capsys, monkeypatch):
     (["plan", "--config", "configs/flux-dev.toml", "--gpus", "2", "--gpu-mem-gib", "-4"], "--gpu-mem-gib: must be > 0"),
     (["data", "synth", "--out", "x", "--num", "-5"], "--num: must be ≥ 1"),
     (["data", "synth", "--out", "x", "--num", "4", "--per-shard", "0"], "--per-shard: must be ≥ 1"),
+    # a RuntimeError from the layout (size 4), "wrote 5 samples" with fractions outside [0, 1]
+    (["data", "synth", "--out", "x", "--num", "5", "--size", "20"], "--size: must be ≥ 32"),
+    (["data", "synth", "--out", "x", "--num", "5", "--complex-frac", "1.5"], "--complex-frac: must be in [0, 1]"),
+    (["data", "synth", "--out", "x", "--num", "5", "--noise-frac", "nan"], "--noise-frac: must be in [0, 1]"),
     (["eval", "--model", "x", "--steps", "0"], "--steps: must be ≥ 1"),
     (["eval", "--model", "x", "--resolution", "50"], "--resolution: must be a multiple of 16"),
     (["eval", "--model", "x", "--limit", "-1"], "--limit: must be ≥ 1"),

@@ -26,6 +26,7 @@ def test_guide_aliases():
     (["--parallel.optimizer_offload_dtype", "bf16"], "applies to offloaded moments only"),
     (["--data.resolution", "70"], "multiple of 16"),
     (["--data.source", "webdataset"], "needs data.path"),
+    (["--data.resolution", "16"], "synthetic needs data.resolution ≥ 32"),
     (["--train.steps", "0"], "≥ 1"),
     (["--train.itc_sigma_scale", "0"], "itc_sigma_scale must be in (0, 1]"),
     (["--train.itc_sigma_scale", "1.5"], "itc_sigma_scale must be in (0, 1]"),

@@ -12,8 +12,8 @@ import numpy as np
 from PIL import Image
 
 from fluxtrain.data.augment import augment_caption
-from fluxtrain.data.prompts import (BACKGROUND, COLORS, Scene, Spec, corrupt_caption, format_spec, layout,
-                                    parse_prompt, read_prompts, sample_spec)
+from fluxtrain.data.prompts import (BACKGROUND, COLORS, MIN_SIZE, Scene, Spec, corrupt_caption, format_spec,
+                                    layout, parse_prompt, read_prompts, sample_spec)
 
 
 def _shape_mask(shape: str, cx: float, cy: float, r: float, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
@@ -51,6 +51,8 @@ class SyntheticShapes:
     scenes, also described through relations and counts the sampled caption did not state."""
 
     def __init__(self, size: int, complex_frac: float = 0.0, seed: int = 0, caption_augment: float = 0.0):
+        if size < MIN_SIZE:
+            raise ValueError(f"the synthetic shapes need an image side ≥ {MIN_SIZE} px, got {size}")
         self.size, self.complex_frac, self.seed, self.caption_augment = size, complex_frac, seed, caption_augment
 
     def __len__(self) -> int:

@@ -5,7 +5,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from fluxtrain.data.prompts import (BACKGROUND, COLORS, Obj, Scene, canonical_key, format_spec, heldout_keys,
+from fluxtrain.data.prompts import (BACKGROUND, COLORS, MIN_SIZE, Obj, Scene, canonical_key, format_spec, heldout_keys,
                                     heldout_prompts, parse_prompt)
 from fluxtrain.data.synthetic import SyntheticShapes, render, write_shards
 
@@ -107,3 +107,13 @@ def test_prompts_file_is_rendered_in_turn(tmp_path):
     bad.write_text("a red hexagon\n")
     with pytest.raises(ValueError):
         write_shards(tmp_path / "x", 1, prompts_file=str(bad))
+
+
+def test_min_size_lays_out_every_kind_of_scene():
+    # MIN_SIZE is what the CLI and config allow: at it, complex scenes (up to five objects, 3 px apart) must still fit
+    for seed in range(3):
+        src = SyntheticShapes(MIN_SIZE, complex_frac=1.0, seed=seed)
+        for i in range(300):
+            assert src[i]["image"].size == (MIN_SIZE, MIN_SIZE)
+    with pytest.raises(ValueError, match=f"≥ {MIN_SIZE}"):
+        SyntheticShapes(MIN_SIZE - 1)
