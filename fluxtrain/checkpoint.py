@@ -42,6 +42,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
+from fluxtrain import digests
 from fluxtrain.config import CheckpointConfig
 from fluxtrain.optim import flush
 from fluxtrain.pinned import pinned_zeros
@@ -167,8 +168,8 @@ def _reason(err: BaseException) -> str:
     return (f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__)[:300]
 
 
-DAMAGED = ("its files are damaged or missing: use an earlier step-N folder (a resume: --checkpoint.resume PATH), or "
-           "move this one aside")
+EARLIER = "use an earlier step-N folder (a resume: --checkpoint.resume PATH), or move this one aside"
+DAMAGED = f"its files are damaged or missing: {EARLIER}"
 
 
 def load_failure(path, err: BaseException) -> CheckpointError:
@@ -209,6 +210,27 @@ def complete_checkpoints(root: Path | str) -> list[Path | str]:
     with _storage(f"cannot list checkpoints in {root}", root):
         done = _complete(fs, path)
     return [fs.unstrip_protocol(p) if is_url(root) else Path(p) for p in done]
+
+
+def verify(path, rank: int = 0, world: int = 1) -> tuple[int, int] | None:
+    """Check a local checkpoint's files against the SHA-256 digests written with them, the files spread over the
+    ranks (collective when world > 1); (files, bytes) checked, None where it has no digests (an object store, an older
+    checkpoint). A mismatch is a CheckpointError on every rank, naming the file."""
+    if is_url(path) and not isinstance(_fs(path)[0], LocalFileSystem):
+        return None
+    folder = Path(_fs(path)[1])
+    entries = digests.listed(folder)
+    if entries is None:
+        return None
+    bad = digests.first_bad(folder, entries, rank, world)
+    if world > 1:  # every rank learns the first bad file, and raises the same error
+        t = torch.tensor([len(entries) if bad is None else bad])
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        bad = None if t.item() == len(entries) else int(t.item())
+    if bad is not None:
+        what = digests.problem(folder, entries[bad]) or "a file changed while checked"
+        raise CheckpointError(f"{path} is damaged: {what}: {EARLIER}")
+    return len(entries), sum(size for _, size, _ in entries)
 
 
 def set_aside_earlier(run_dir: str | Path, ckpt_dir: str = "", is_main: bool = True) -> tuple[int, Path] | None:
@@ -397,6 +419,8 @@ class Checkpointer:
         # async saves finish their collectives in a background thread: on a group of their own, so they never
         # interleave with the training step's collectives on the default group (that deadlocks gloo)
         self.group = dist.new_group(backend="gloo") if cfg.async_save else None
+        self.hashed = cfg.digests and self._local  # object stores check their own uploads
+        self.hasher = ThreadPoolExecutor(1, thread_name_prefix="ckpt-sha256") if self.hashed else None
 
     # ---- save -----------------------------------------------------------------------------------------------
     def _app_state(self, model, opt, sched) -> dict:
@@ -441,6 +465,8 @@ class Checkpointer:
                 self.pending = self._start(state, step, target, where, writer)
             else:
                 dcp.save(state, checkpoint_id=where, storage_writer=writer)
+                if self.hashed:
+                    digests.write(target, self.rank)
         if self.pending is None:
             self._publish(target, step)
         stall = time.perf_counter() - t0
@@ -452,12 +478,19 @@ class Checkpointer:
     def _start(self, state: dict, step: int, target: str, where: str, writer) -> _Save:
         if not self.background:  # DCP's default: a pageable host copy, made before async_save returns
             fut = dcp.async_save(state, checkpoint_id=where, storage_writer=writer, process_group=self.group)
-            return _Save(step, target, where, fut)
+            return _Save(step, target, where, self._then_hash(fut, target))
         if self.stager is None:  # kept for the run: its pinned buffers are allocated once
             self.stager = PinnedStager(self.device)
         res = dcp.async_save(state, checkpoint_id=where, storage_writer=writer, process_group=self.group,
                              async_stager=self.stager)
-        return _Save(step, target, where, res.upload_completion, res.staging_completion)
+        return _Save(step, target, where, self._then_hash(res.upload_completion, target), res.staging_completion)
+
+    def _then_hash(self, upload: Future, target: str) -> Future:
+        """The upload, then the digests of this rank's files, off the training thread: the save counts as done (and
+        is published) once both are."""
+        if self.hasher is None:
+            return upload
+        return self.hasher.submit(lambda: (upload.result(), digests.write(target, self.rank)))
 
     def prepare(self, model, opt, sched) -> Future | None:
         """With background staging, allocate the pinned buffers in the background once the state's shapes are known
@@ -549,6 +582,13 @@ class Checkpointer:
         """Load into the (sharded) model/optimizer; returns this rank's extra state (resharded runs get rank 0's
         counters and a note)."""
         state = self._app_state(model, opt, sched)
+        if self.cfg.digests:
+            t0 = time.perf_counter()
+            checked = verify(path, self.rank, self.world)
+            if self.log is not None and self.rank == 0:
+                self.log.info(f"checked {checked[0]} files ({checked[1] / 2**20:.0f} MiB) of {path} against their "
+                              f"SHA-256 in {time.perf_counter() - t0:.1f} s" if checked else
+                              f"{path} has no SHA-256 digests (an object store, or written before them): not checked")
         reader = storage_reader(path, read_metadata(path))
         try:
             dcp.load(state, checkpoint_id=str(path), storage_reader=reader)

@@ -74,11 +74,26 @@ def _accelerate_overrides() -> list[str]:
 
 
 def _spawn_torchrun(nproc: int, argv: list[str]) -> int:
-    import subprocess
+    """torchrun's agent in this process, so that a rank's failure ends as the rank's own error, not as torchrun's
+    ChildFailedError traceback and report after it."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "fluxtrain", "train", *_strip_nproc(argv)]
-    return subprocess.call(cmd)
+    try:
+        run(parse_args(["--standalone", f"--nproc_per_node={nproc}", "-m", "fluxtrain", "train",
+                        *_strip_nproc(argv)]))
+    except ChildFailedError as err:
+        rank, failure = err.get_first_failure()
+        if failure.exitcode == 2:  # bad input: the rank printed its one-line error
+            return 2
+        how = (f"was killed by {failure.signal_name()}" + (" (out of host memory?)" if failure.exitcode == -9 else "")
+               if failure.exitcode < 0 else f"exited with code {failure.exitcode}")
+        print(f"fluxtrain: error: rank {rank} {how}: its log is above", file=sys.stderr)
+        return 1
+    except SignalException as err:  # Ctrl-C or a scheduler's SIGTERM: torchrun has stopped the ranks
+        return 128 + int(err.sigval)
+    return 0
 
 
 def _strip_nproc(argv: list[str]) -> list[str]:

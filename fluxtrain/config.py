@@ -165,6 +165,9 @@ class CheckpointConfig:
     # into pageable memory; auto: background on CUDA, sync elsewhere.
     staging: Literal["auto", "background", "sync"] = "auto"
     export_dtype: Literal["bf16", "fp32"] = "bf16"
+    # SHA-256 of each local checkpoint file, hashed by its rank on the save's thread after the save, checked before a
+    # resume or export (each rank hashes 1/world of the files): a file damaged in place is an error, not wrong weights
+    digests: bool = True
 
     def __post_init__(self):
         # a missing filesystem package (s3fs) is told now, before any process group starts

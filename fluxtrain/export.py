@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from fluxtrain import config as C
-from fluxtrain.checkpoint import _fs, _storage, is_url, load_failure, location, read_metadata, storage_reader
+from fluxtrain.checkpoint import (_fs, _storage, is_url, load_failure, location, read_metadata, storage_reader,
+                                  verify)
 
 THREADS = 4  # blocks in flight; each holds one block in the export dtype (0.7 GB for FLUX.1-dev's double blocks)
 PIPELINE_PARTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
@@ -37,6 +38,14 @@ def run_config_of(ckpt: str | Path) -> C.Config:
         raise C.ConfigError(f"{ckpt}: no config.toml inside or two levels up; is this a checkpoints/step-N folder?")
     origin = fs.unstrip_protocol(found) if is_url(ckpt) else found
     return C.from_dict(C.parse_toml(data, origin, "fix it or copy the run's config.toml there"), origin)
+
+
+def _opened(ckpt: str | Path) -> C.Config:
+    """The run's config of a checkpoint about to be read, its files checked against their digests first."""
+    cfg = run_config_of(ckpt)
+    if cfg.checkpoint.digests:
+        verify(ckpt)
+    return cfg
 
 
 def weights_section(cfg: C.Config) -> str:
@@ -100,7 +109,7 @@ def load_checkpoint_model(ckpt: str | Path):
     from fluxtrain.models.setup import model_kwargs
 
     ckpt = location(ckpt)
-    cfg = run_config_of(ckpt)
+    cfg = _opened(ckpt)
     kw = model_kwargs(cfg)
     model = build_transformer(kw, device="cpu")
     if cfg.lora.enabled:
@@ -142,7 +151,7 @@ def export_lora(ckpt: str | Path, out: str | Path, dtype: str = "bf16") -> Path:
     from fluxtrain import lora
 
     ckpt = location(ckpt)
-    cfg = run_config_of(ckpt)
+    cfg = _opened(ckpt)
     if not cfg.lora.enabled:
         raise C.ConfigError(f"{ckpt} is not a LoRA run (lora.enabled = false): export --format diffusers or bfl")
     meta = lora.lora_metadata(cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets or lora.DEFAULT_TARGETS)
@@ -160,7 +169,7 @@ def export(ckpt: str | Path, fmt: str, out: str | Path, dtype: str = "bf16", thr
     from fluxtrain.models.setup import model_kwargs
 
     ckpt, out = location(ckpt), Path(out)
-    cfg = run_config_of(ckpt)
+    cfg = _opened(ckpt)
     section = weights_section(cfg)
     kw = model_kwargs(cfg)
     dt = torch.bfloat16 if dtype == "bf16" else torch.float32

@@ -11,7 +11,8 @@ import torch
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint import _fsspec_filesystem, filesystem
 
-from fluxtrain.checkpoint import CheckpointError, read_metadata, storage_reader
+from fluxtrain import digests
+from fluxtrain.checkpoint import CheckpointError, read_metadata, storage_reader, verify
 from fluxtrain.export import _groups, export, load_checkpoint_model
 from tests.helpers import FAST, events, fluxtrain, torchrun
 from tests.test_checkpoint_s3 import s3  # noqa: F401 — the moto S3 endpoint fixture
@@ -203,30 +204,53 @@ def test_dtypes_and_layouts_of_any_tensor_are_allowed(tmp_path):
     assert got["d"].properties.layout == torch.strided
 
 
-@pytest.mark.parametrize("damage", ["truncated", "deleted"])
-def test_damaged_weight_files_are_one_line_and_a_failed_export_leaves_no_weights(run, tmp_path, damage):
+def test_every_rank_writes_digests_of_its_files_and_they_check(run):
+    ckpt = run / "checkpoints" / "step-00000004"
+    listed = {name for name, _, _ in digests.listed(ckpt)}
+    assert listed == {".metadata", "__0_0.distcp", "__1_0.distcp", "rank-0.json", "rank-1.json", "rng-0.safetensors",
+                      "rng-1.safetensors", "sha256-0.json", "sha256-1.json"} - {"sha256-0.json", "sha256-1.json"}
+    assert verify(ckpt) == (7, sum(p.stat().st_size for p in ckpt.iterdir() if p.name in listed))
+
+
+# "truncated" and "deleted" each with and without the digests (a checkpoint written before them): DCP's own failure
+# is the one line then. "flipped": same size, one byte changed; without digests it loads, silently wrong.
+@pytest.mark.parametrize("damage, with_digests", [("truncated", True), ("deleted", True), ("flipped", True),
+                                                  ("truncated", False), ("deleted", False)])
+def test_damaged_weight_files_are_one_line_and_a_failed_export_leaves_no_weights(run, tmp_path, damage, with_digests):
     # a truncated or deleted .distcp was a traceback, and the export it broke left its planned weights file in place,
     # whole in size and zeros where unwritten: a file that looked usable
     ckpt = _copy(run, tmp_path)
-    shard = ckpt / "__1_0.distcp"
+    if not with_digests:
+        for f in ckpt.glob("sha256-*.json"):
+            f.unlink()
+    # sorted, the files go round the 2 ranks: .metadata to rank 0, __0_0.distcp to rank 1, which must tell rank 0
+    shard = ckpt / "__0_0.distcp"
+    data = shard.read_bytes()
     if damage == "deleted":
         shard.unlink()
+    elif damage == "truncated":
+        shard.write_bytes(data[: len(data) // 3])
     else:
-        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])
-    with pytest.raises(CheckpointError, match="cannot be read .*damaged or missing") as err:
+        i = len(data) // 2
+        shard.write_bytes(data[:i] + bytes([data[i] ^ 0x10]) + data[i + 1:])
+    expect = {"truncated": f"__0_0.distcp has {len(data) // 3} bytes, {len(data)} when written",
+              "deleted": "__0_0.distcp is missing",
+              "flipped": "__0_0.distcp does not match the SHA-256 it was written with"}[damage]
+    said = f"{ckpt} is damaged: {expect}: use an earlier step-N" if with_digests else f"{ckpt} cannot be read ("
+    with pytest.raises(CheckpointError) as err:
         load_checkpoint_model(ckpt)
-    assert "\n" not in str(err.value)
+    assert str(err.value).startswith(said) and "\n" not in str(err.value), str(err.value)
     res = fluxtrain(["export", "--checkpoint", str(ckpt), "--format", "bfl", "--out", str(tmp_path / "f.safetensors")])
-    _one_line_error(res, f"{ckpt} cannot be read", "damaged or missing")
+    _one_line_error(res, said)
     assert not (tmp_path / "f.safetensors").exists()
     res = fluxtrain(["export", "--checkpoint", str(ckpt), "--format", "diffusers", "--out", str(tmp_path / "d")])
-    _one_line_error(res, f"{ckpt} cannot be read")
+    _one_line_error(res, said)
     assert not list((tmp_path / "d" / "transformer").glob("*.safetensors"))
-    res = fluxtrain(["train", "--config", "configs/tiny.toml", *ARGS, "--train.steps", "6", "--checkpoint.resume",
-                     str(ckpt), "--train.output_dir", str(tmp_path / "resumed")], timeout=300)
-    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
-    assert res.stderr.strip().splitlines()[-1].startswith(f"fluxtrain: error: {ckpt} cannot be read ("), \
-        res.stderr[-2000:]
+    res = fluxtrain(["train", "--config", "configs/tiny.toml", "--nproc-per-node", "2", *ARGS, "--train.steps", "6",
+                     "--checkpoint.resume", str(ckpt), "--train.output_dir", str(tmp_path / "resumed")], timeout=300)
+    assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    errors = [line for line in res.stderr.splitlines() if "fluxtrain: error: " in line]
+    assert errors and all(said in line for line in errors), res.stderr[-3000:]  # both ranks: the same file named
 
 
 def test_a_resume_says_what_changed_and_when_nothing_is_left_to_train(run, tmp_path):
@@ -238,7 +262,9 @@ def test_a_resume_says_what_changed_and_when_nothing_is_left_to_train(run, tmp_p
     assert "settings changed since the checkpoint" in log and "optim.lr: 0.002 → 0.001" in log, log[-3000:]
     assert "train.steps: 4 → 3" in log
     assert "at step 4, at or past train.steps = 3: nothing to train" in log
-    # a step count that is not there (rank-0.json emptied) is one line, not a KeyError
+    # a step count that is not there (rank-0.json emptied, the digests too) is one line, not a KeyError
+    for f in ckpt.glob("sha256-*.json"):
+        f.unlink()
     (ckpt / "rank-0.json").write_text("{}")
     (ckpt / "rank-1.json").unlink(missing_ok=True)
     res = fluxtrain(["train", "--config", "configs/tiny.toml", *ARGS, "--train.steps", "6", "--checkpoint.resume",
