@@ -38,9 +38,14 @@ def run(tmp_path_factory):
     return out
 
 
-def _copy(run, tmp_path, step: int = 4):
+def _copy(run, tmp_path, step: int = 4, with_digests: bool = True):
+    """A copy of the run's checkpoint; without its SHA-256 digests, it is checked by what reads it alone (a
+    checkpoint from before the digests, or one whose digests were rewritten along with the files)."""
     dst = tmp_path / f"step-{step:08d}"
     shutil.copytree(run / "checkpoints" / dst.name, dst)
+    if not with_digests:
+        for f in dst.glob("sha256-*.json"):
+            f.unlink()
     return dst
 
 
@@ -95,6 +100,11 @@ def test_trainer_checkpoints_resume_and_export_through_the_allowlist(run, tmp_pa
 def test_metadata_naming_os_system_is_refused_before_it_runs(run, tmp_path):
     ckpt, pwned = _copy(run, tmp_path), tmp_path / "pwned"
     (ckpt / ".metadata").write_bytes(pickle.dumps(_System(f"echo pwned > {pwned}")))
+    with pytest.raises(CheckpointError, match=r"is damaged: \.metadata has \d+ bytes"):  # the digests see it first
+        export(ckpt, "bfl", tmp_path / "f.safetensors")
+    shutil.rmtree(ckpt)
+    ckpt = _copy(run, tmp_path, with_digests=False)
+    (ckpt / ".metadata").write_bytes(pickle.dumps(_System(f"echo pwned > {pwned}")))
     refused = r"\.metadata: refuses to unpickle '\w+\.system' \(not checkpoint metadata\); .* tampered with"
     with pytest.raises(CheckpointError, match=refused):
         read_metadata(ckpt)
@@ -112,7 +122,7 @@ def test_metadata_naming_os_system_is_refused_before_it_runs(run, tmp_path):
 
 @pytest.mark.parametrize("damage", ["truncated", "empty", "not a pickle", "another object"])
 def test_damaged_metadata_is_one_checkpoint_error(run, tmp_path, damage):
-    ckpt = _copy(run, tmp_path)
+    ckpt = _copy(run, tmp_path, with_digests=False)
     data = (ckpt / ".metadata").read_bytes()
     (ckpt / ".metadata").write_bytes({"truncated": data[:len(data) // 2], "empty": b"", "not a pickle": b"garbage\n",
                                       "another object": pickle.dumps({"state_dict_metadata": {}})}[damage])
@@ -122,7 +132,7 @@ def test_damaged_metadata_is_one_checkpoint_error(run, tmp_path, damage):
 
 
 def test_a_missing_metadata_file_is_one_line(run, tmp_path):
-    ckpt = _copy(run, tmp_path)
+    ckpt = _copy(run, tmp_path, with_digests=False)
     (ckpt / ".metadata").unlink()
     res = fluxtrain(["export", "--checkpoint", str(ckpt), "--format", "bfl", "--out", str(tmp_path / "f.safetensors")])
     _one_line_error(res, f"cannot read the metadata of {ckpt}", "FileNotFoundError")
