@@ -188,6 +188,7 @@ COMMANDS.update({
     "plan": _lazy("fluxtrain.plan"),
     "report": _lazy("fluxtrain.report"),
     "trace": _lazy("fluxtrain.trace_summary"),
+    "verify": _lazy("fluxtrain.digests"),
 })
 
 

@@ -72,3 +72,40 @@ def problem(folder: str | Path, entry: tuple[str, int, str]) -> str | None:
 def first_bad(folder: str | Path, entries: list[tuple[str, int, str]], rank: int = 0, world: int = 1) -> int | None:
     """This rank's share of `entries` (every world-th, from rank) checked: the index of the first bad one, or None."""
     return next((i for i in range(rank, len(entries), world) if problem(folder, entries[i])), None)
+
+
+def main(argv: list[str]) -> int:
+    """`fluxtrain verify PATH…`: check checkpoints against their digests before a resume, copy or deletion. A PATH is a
+    step-N folder, or a run (or checkpoints) folder for all its complete checkpoints. Exit code 1 if any is damaged."""
+    import argparse
+
+    from fluxtrain.checkpoint import CheckpointError, checkpoint_root, complete_checkpoints, verify
+
+    ap = argparse.ArgumentParser(prog="fluxtrain verify", description=main.__doc__.split(": ", 1)[1])
+    ap.add_argument("paths", nargs="+", metavar="PATH")
+    a = ap.parse_args(argv)
+    found: list = []
+    for p in map(Path, a.paths):
+        if (p / "COMPLETE").is_file() or (p / ".metadata").is_file():
+            found.append(p)
+        elif p.is_dir():
+            steps = complete_checkpoints(p) or complete_checkpoints(checkpoint_root(p))
+            if not steps:
+                raise CheckpointError(f"{p} holds no complete checkpoint (step-N folder with its COMPLETE marker)")
+            found += steps
+        else:
+            raise CheckpointError(f"{p} does not exist: give a step-N folder, or a run or checkpoints folder")
+    count = {"intact": 0, "damaged": 0, "not checked": 0}
+    for p in found:
+        try:
+            checked = verify(p)
+        except CheckpointError as err:
+            count["damaged"] += 1
+            print(f"damaged      {str(err).split(': use an earlier', 1)[0].replace(' is damaged: ', ': ', 1)}")
+            continue
+        count["intact" if checked else "not checked"] += 1
+        print(f"intact       {p}: {checked[0]} files, {checked[1] / 2**20:.1f} MiB" if checked else
+              f"not checked  {p}: no digests (written before them, to an object store, or with checkpoint.digests = "
+              "false)")
+    print(f"{len(found)} checkpoints: " + ", ".join(f"{n} {k}" for k, n in count.items() if n))
+    return 1 if count["damaged"] else 0

@@ -11,7 +11,7 @@ import torch
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint import _fsspec_filesystem, filesystem
 
-from fluxtrain import digests
+from fluxtrain import cli, digests
 from fluxtrain.checkpoint import CheckpointError, read_metadata, storage_reader, verify
 from fluxtrain.export import _groups, export, load_checkpoint_model
 from tests.helpers import FAST, events, fluxtrain, torchrun
@@ -220,6 +220,20 @@ def test_every_rank_writes_digests_of_its_files_and_they_check(run):
     assert listed == {".metadata", "__0_0.distcp", "__1_0.distcp", "rank-0.json", "rank-1.json", "rng-0.safetensors",
                       "rng-1.safetensors", "sha256-0.json", "sha256-1.json"} - {"sha256-0.json", "sha256-1.json"}
     assert verify(ckpt) == (7, sum(p.stat().st_size for p in ckpt.iterdir() if p.name in listed))
+
+
+def test_verify_command_reports_each_checkpoint(run, tmp_path, capsys):
+    assert cli.main(["verify", str(run)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "2 checkpoints: 2 intact"
+    ckpt, old = _copy(run, tmp_path), _copy(run, tmp_path, step=2, with_digests=False)
+    shard = ckpt / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1
+    shard.write_bytes(bytes(data))
+    assert cli.main(["verify", str(ckpt), str(old)]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"damaged      {ckpt}: __1_0.distcp does not match the SHA-256 it was written with", out
+    assert out[1].startswith(f"not checked  {old}: no digests") and out[2] == "2 checkpoints: 1 damaged, 1 not checked"
 
 
 # "truncated" and "deleted" each with and without the digests (a checkpoint written before them): DCP's own failure
