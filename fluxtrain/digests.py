@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 PREFIX = "sha256-"
+THREADS = 4  # files hashed at once when checking: a rank's share, or all of them for an export, in parallel
 
 
 def _own_files(folder: Path, rank: int) -> list[Path]:
@@ -69,9 +71,13 @@ def problem(folder: str | Path, entry: tuple[str, int, str]) -> str | None:
     return None
 
 
-def first_bad(folder: str | Path, entries: list[tuple[str, int, str]], rank: int = 0, world: int = 1) -> int | None:
+def first_bad(folder: str | Path, entries: list[tuple[str, int, str]], rank: int = 0, world: int = 1,
+              threads: int = THREADS) -> int | None:
     """This rank's share of `entries` (every world-th, from rank) checked: the index of the first bad one, or None."""
-    return next((i for i in range(rank, len(entries), world) if problem(folder, entries[i])), None)
+    share = range(rank, len(entries), world)
+    with ThreadPoolExecutor(max(1, min(threads, len(share)))) as pool:
+        found = pool.map(lambda i: problem(folder, entries[i]) is not None, share)
+        return next((i for i, bad in zip(share, found) if bad), None)
 
 
 def main(argv: list[str]) -> int:
