@@ -54,11 +54,14 @@ def expand_shards(spec: str) -> list[str]:
 
     out: list[str] = []
     for part in str(spec).split():
+        found = []
         for p in braceexpand.braceexpand(part):
-            hits = sorted(globlib.glob(p)) if any(c in p for c in "*?[") else ([p] if os.path.exists(p) else [])
-            out += hits
-    if not out:
-        raise FileNotFoundError(f"no shard files match '{spec}'")
+            if os.path.isdir(p):
+                raise IsADirectoryError(f"'{p}' is a folder: give a glob of its shards, e.g. '{p.rstrip('/')}/*.tar'")
+            found += sorted(globlib.glob(p)) if any(c in p for c in "*?[") else ([p] if os.path.exists(p) else [])
+        if not found:  # one pattern of several matching nothing is a typo, not fewer shards
+            raise FileNotFoundError(f"no shard files match '{part}'" + (f" (of '{spec}')" if part != spec else ""))
+        out += found
     return out
 
 
@@ -240,8 +243,16 @@ def clean(inp_glob: str, out_dir: str | Path, clip_dir: str | Path | None = None
     t0 = time.time()
     shards = expand_shards(inp_glob)
     out = Path(out_dir)
+    if out.is_file():
+        raise NotADirectoryError(f"--out {out} is a file: give a folder for the clean shards")
+    olds = sorted(out.glob("shard-*.tar")) if out.is_dir() else []
+    if {Path(s).resolve() for s in shards} & {p.resolve() for p in out.iterdir()} if out.is_dir() else False:
+        raise FileExistsError(f"--out {out} holds input shards: give another folder (cleaning writes shard-*.tar there)")
+    if olds and not (out / "report.json").is_file():  # shards an earlier clean did not write: someone's data
+        raise FileExistsError(f"--out {out} already holds {len(olds)} shard-*.tar files that no earlier clean wrote (no "
+                              "report.json): give a new or empty folder")
     out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("shard-*.tar"):  # a re-run must not leave shards of a previous, larger output behind
+    for old in olds:  # a re-run must not leave shards of a previous, larger output behind
         old.unlink()
     errors: list[dict] = []
     dropped: dict[str, list[str]] = {r: [] for r in REASONS}
@@ -318,13 +329,19 @@ def clean(inp_glob: str, out_dir: str | Path, clip_dir: str | Path | None = None
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
     if verbose:
-        why = ", ".join(f"{r} {n}" for r, n in n_drop.items() if n) or "nothing"
-        names = ", ".join(Path(e["shard"]).name for e in errors[:3]) + (", …" if len(errors) > 3 else "")
-        extra = f"; {len(errors)} damaged shard(s): {names} (report.json says why)" if errors else ""
-        extra += f"; {counts['unchecked']} kept unchecked (caption outside the grammar)" if counts["unchecked"] else ""
-        print(f"cleaned {counts['total']} samples from {len(shards)} shard(s): kept {counts['kept']}, dropped "
-              f"{report['dropped']} ({why}){extra} -> {out}")
+        print(summary(report))
     return report
+
+
+def summary(report: dict) -> str:
+    """The report in one line: kept, dropped by reason, damaged shards, unchecked captions."""
+    why = ", ".join(f"{r} {n}" for r, n in report["dropped_by_reason"].items() if n) or "nothing"
+    errors = report["shard_errors"]
+    names = ", ".join(Path(e["shard"]).name for e in errors[:3]) + (", …" if len(errors) > 3 else "")
+    extra = f"; {len(errors)} damaged shard(s): {names} (report.json says why)" if errors else ""
+    extra += f"; {report['unchecked']} kept unchecked (caption outside the grammar)" if report["unchecked"] else ""
+    return (f"cleaned {report['total']} samples from {report['shards_in']} shard(s): kept {report['kept']}, dropped "
+            f"{report['dropped']} ({why}){extra} -> {report['output']}")
 
 
 def main(inp_glob: str, out_dir: str, clip_dir: str | None = None, clip_min: float = 28.0, **kw) -> int:
@@ -332,14 +349,15 @@ def main(inp_glob: str, out_dir: str, clip_dir: str | None = None, clip_min: flo
     import sys
 
     try:
-        report = clean(inp_glob, out_dir, clip_dir=clip_dir, clip_min=clip_min, **kw)
-    except FileNotFoundError as err:
+        report = clean(inp_glob, out_dir, clip_dir=clip_dir, clip_min=clip_min, verbose=False, **kw)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, FileExistsError) as err:
         print(f"fluxtrain: error: {err}", file=sys.stderr)
         return 2
     if report["total"] == 0 and report["shard_errors"]:  # not a clean set: nothing could be read
         print(f"fluxtrain: error: no sample could be read from {inp_glob}: all {report['shards_in']} shard(s) are "
               f"damaged or not tar files ({Path(out_dir) / 'report.json'} lists why)", file=sys.stderr)
-        return 1
+        return 2
+    print(summary(report))
     return 0
 
 

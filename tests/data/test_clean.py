@@ -3,6 +3,7 @@
 
 import io
 import json
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -173,6 +174,39 @@ def test_input_that_cannot_be_read_at_all_fails_and_names_the_shards(dataset, tm
     assert "2 damaged shard(s): shard-a.tar, shard-b.tar" in capsys.readouterr().out
     (d / "shard-a.tar").write_bytes(b"junk")
     # everything damaged was "kept 0" with exit code 0 and an empty shard written: a clean set of nothing
-    assert main(str(d / "*.tar"), str(tmp_path / "out2")) == 1
-    err = capsys.readouterr().err.strip().splitlines()
+    assert main(str(d / "*.tar"), str(tmp_path / "out2")) == 2
+    out, err = capsys.readouterr()
+    err = err.strip().splitlines()
     assert len(err) == 1 and "no sample could be read" in err[0] and "all 2 shard(s)" in err[0], err
+    assert out == ""  # no "cleaned 0 samples" summary beside the error
+
+
+def test_out_holding_data_is_refused_and_nothing_is_deleted(dataset, tmp_path, capsys):
+    # --out = the input folder deleted the input shards before reading them
+    from fluxtrain.data.clean import main
+
+    root, *_ = dataset
+    src = tmp_path / "src"
+    shutil.copytree(root / "in", src)
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    assert main(str(src / "*.tar"), str(src)) == 2
+    assert "holds input shards: give another folder" in capsys.readouterr().err
+    other = tmp_path / "other"  # another data set's folder: its shards are not an earlier clean's
+    shutil.copytree(root / "in", other)
+    assert main(str(src / "*.tar"), str(other)) == 2
+    assert "shard-*.tar files that no earlier clean wrote" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before and len(list(other.iterdir())) == len(before)
+    # an earlier clean's output is replaced, as before
+    assert main(str(src / "*.tar"), str(tmp_path / "c")) == 0 and main(str(src / "*.tar"), str(tmp_path / "c")) == 0
+
+
+@pytest.mark.parametrize("spec, said", [("{d}", "is a folder: give a glob of its shards, e.g. '{d}/*.tar'"),
+                                        ("{d}/*.tar {d}/nothing-*.tar", "no shard files match '{d}/nothing-*.tar'")])
+def test_a_folder_or_a_pattern_matching_nothing_is_one_line(dataset, tmp_path, capsys, spec, said):
+    from fluxtrain.data.clean import main
+
+    root, *_ = dataset
+    d = str(root / "in")
+    assert main(spec.format(d=d), str(tmp_path / "out")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and said.format(d=d) in err[0], err
