@@ -4,6 +4,8 @@ names the option, before anything is loaded (`data synth --num -5` reported writ
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
 from fluxtrain.data.prompts import MIN_SIZE
 
@@ -43,6 +45,41 @@ def synth_size(text: str) -> int:
     if v < MIN_SIZE:
         raise argparse.ArgumentTypeError(f"must be ≥ {MIN_SIZE} (smaller images cannot hold a complex scene), got {v}")
     return v
+
+
+def output_file(text: str) -> str:
+    """A file to write: checked before any work, so that hours of generation are not lost to a bad path."""
+    p = Path(text)
+    if p.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder: give a file name")
+    _writable_parent(p)
+    return text
+
+
+def output_dir(text: str) -> str:
+    """A folder to write into (made if missing)."""
+    p = Path(text)
+    if p.exists() and not p.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file: give a folder")
+    _writable_parent(p)
+    return text
+
+
+def output_path(text: str) -> str:
+    """A file or a folder to write (export: a folder, or a .safetensors file)."""
+    _writable_parent(Path(text))
+    return text
+
+
+def _writable_parent(p: Path) -> None:
+    """The nearest existing ancestor must be a folder this process may write in."""
+    up = p.absolute().parent
+    while not up.exists():
+        up = up.parent
+    if not up.is_dir():
+        raise argparse.ArgumentTypeError(f"{up} is a file, not a folder: give a path outside it")
+    if not (p.exists() and os.access(p, os.W_OK)) and not os.access(up, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"no permission to write in {up}")
 
 
 def _number(text: str, kind: type):

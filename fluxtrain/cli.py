@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from fluxtrain.argtypes import fraction, positive_int, resolution, synth_size
+from fluxtrain.argtypes import fraction, output_dir, positive_int, resolution, synth_size
 
 
 def _die(msg: str) -> int:
@@ -115,7 +115,7 @@ def cmd_data(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="fluxtrain data")
     sub = ap.add_subparsers(dest="what", required=True)
     s = sub.add_parser("synth", help="render the synthetic compositional-shapes set into WebDataset shards")
-    s.add_argument("--out", required=True)
+    s.add_argument("--out", type=output_dir, required=True)
     s.add_argument("--num", type=positive_int, required=True)
     s.add_argument("--size", type=synth_size, default=64)
     s.add_argument("--complex-frac", type=fraction, default=0.0)
@@ -125,7 +125,7 @@ def cmd_data(argv: list[str]) -> int:
     s.add_argument("--per-shard", type=positive_int, default=1000)
     c = sub.add_parser("clean", help="drop label noise and broken samples, write clean shards and a report")
     c.add_argument("--in", dest="inp", required=True)
-    c.add_argument("--out", required=True)
+    c.add_argument("--out", type=output_dir, required=True)
     a = ap.parse_args(argv)
     if a.what == "synth":
         from fluxtrain.data.synthetic import write_shards
@@ -143,7 +143,7 @@ def cmd_sample(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="fluxtrain sample")
     ap.add_argument("--model", required=True, help="a diffusers FLUX folder, or a checkpoint step-N folder or URL (s3://…)")
     ap.add_argument("--prompt", action="append", required=True)
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", type=output_dir, required=True)
     ap.add_argument("--resolution", type=resolution, default=None)
     ap.add_argument("--steps", type=positive_int, default=20)
     ap.add_argument("--guidance", type=float, default=None)

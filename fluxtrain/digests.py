@@ -86,6 +86,8 @@ def main(argv: list[str]) -> int:
     import argparse
 
     from fluxtrain.checkpoint import CheckpointError, checkpoint_root, complete_checkpoints, verify
+    from fluxtrain.config import ConfigError
+    from fluxtrain.export import run_config_of
 
     ap = argparse.ArgumentParser(prog="fluxtrain verify", description=main.__doc__.split(": ", 1)[1])
     ap.add_argument("paths", nargs="+", metavar="PATH")
@@ -94,6 +96,8 @@ def main(argv: list[str]) -> int:
     for p in map(Path, a.paths):
         if (p / "COMPLETE").is_file() or (p / ".metadata").is_file():
             found.append(p)
+        elif p.is_file():
+            raise CheckpointError(f"{p} is a file: give a step-N folder, or a run or checkpoints folder")
         elif p.is_dir():
             steps = complete_checkpoints(p) or complete_checkpoints(checkpoint_root(p))
             if not steps:
@@ -105,7 +109,8 @@ def main(argv: list[str]) -> int:
     for p in found:
         try:
             checked = verify(p)
-        except CheckpointError as err:
+            run_config_of(p)  # config.toml, which rank 0 adds as it publishes, after the digests: export needs it
+        except (CheckpointError, ConfigError) as err:
             count["damaged"] += 1
             print(f"damaged      {str(err).split(': use an earlier', 1)[0].replace(' is damaged: ', ': ', 1)}")
             continue

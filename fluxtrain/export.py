@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from fluxtrain import config as C
+from fluxtrain.argtypes import output_path
 from fluxtrain.checkpoint import (_fs, _storage, is_url, load_failure, location, read_metadata, storage_reader,
                                   verify)
 
@@ -213,7 +214,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--format", choices=["diffusers", "bfl", "lora"], default="diffusers",
                     help="diffusers folder, BFL single file, or (LoRA runs) the adapters alone; LoRA runs export "
                          "merged weights for diffusers/bfl")
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", type=output_path, required=True)
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     ap.add_argument("--threads", type=int, default=THREADS,
                     help="transformer blocks read, converted and written at once (each holds a block in memory)")

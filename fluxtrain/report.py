@@ -24,6 +24,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fluxtrain.argtypes import output_file
+
 SAMPLE_GRIDS = 2  # newest sample grids embedded
 EMA_BETA = 0.9
 MAX_EMBED_BYTES = 3 * 2**20  # sample grids larger than this are downscaled before embedding
@@ -372,12 +374,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="fluxtrain report",
                                  description="HTML report (loss, throughput, memory plots, sample grids) of a run")
     ap.add_argument("run_dir", metavar="RUN_DIR", help="the run's train.output_dir")
-    ap.add_argument("--out", metavar="F.html", help="output file (default RUN_DIR/report.html)")
+    ap.add_argument("--out", type=output_file, metavar="F.html", help="output file (default RUN_DIR/report.html)")
     args = ap.parse_args(argv)
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
-        print(f"fluxtrain report: error: {run_dir} is not a directory (give the run's train.output_dir)",
-              file=sys.stderr)
+        print(f"fluxtrain: error: {run_dir} is not a folder (give the run's train.output_dir)", file=sys.stderr)
+        return 2
+    if not any((run_dir / f).is_file() for f in ("metrics.jsonl", "config.toml")):
+        print(f"fluxtrain: error: {run_dir} is not a run folder (no metrics.jsonl or config.toml): give the run's "
+              "train.output_dir", file=sys.stderr)
         return 2
     out = write_report(run_dir, args.out)
     print(out)

@@ -234,6 +234,11 @@ def test_verify_command_reports_each_checkpoint(run, tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0] == f"damaged      {ckpt}: __1_0.distcp does not match the SHA-256 it was written with", out
     assert out[1].startswith(f"not checked  {old}: no digests") and out[2] == "2 checkpoints: 1 damaged, 1 not checked"
+    (old / "config.toml").write_text("{")  # export could not read it, and verify said intact
+    assert cli.main(["verify", str(old)]) == 1
+    assert "not valid TOML" in capsys.readouterr().out.splitlines()[0]
+    assert cli.main(["verify", str(ckpt / "rank-0.json")]) == 2
+    assert "is a file: give a step-N folder" in capsys.readouterr().err
 
 
 # "truncated" and "deleted" each with and without the digests (a checkpoint written before them): DCP's own failure

@@ -79,3 +79,39 @@ def test_shards_that_are_not_there_are_found_before_torchrun_starts(capsys, monk
     rc = cli.main(["train", "--config", "configs/tiny.toml", "--nproc-per-node", "2", "--data.source", "webdataset",
                    "--data.path", str(tmp_path / "nope-*.tar")])
     _one_line(capsys, rc, "matches no files")
+
+
+def _rc(argv: list[str]) -> int:
+    try:
+        return cli.main(argv)
+    except SystemExit as e:  # argparse's own error, exit code 2
+        return e.code
+
+
+# the second audit (120 bad inputs to the other commands): each case was a traceback, a silent run that did nothing,
+# or an error that came only after the whole generation ("--out under a file" after every image was made)
+@pytest.mark.parametrize("argv, needle", [
+    (["eval", "--model", "m", "--out", "{f}/r.json"], "--out: {f} is a file, not a folder"),
+    (["eval", "--model", "m", "--out", "{d}"], "--out: {d} is a folder: give a file name"),
+    (["eval", "--model", "m", "--grid", "{f}/g.png"], "--grid: {f} is a file, not a folder"),
+    (["eval", "--model", "m", "--prompts", "{latin}"], "is not UTF-8 text"),
+    (["eval", "--model", "m", "--prompts", "{d}"], "is a folder: give a text file"),
+    (["eval", "--model", "m", "--prompts", "{outside}"], "none of the 2 prompts is in the shapes grammar"),
+    (["eval", "--model", "m", "--clip", "{d}/nope"], "is not a local CLIP model folder"),
+    (["eval", "--model", "m", "--train-shards", "{d}/nothing-*.tar"], "--train-shards: no shard files match"),
+    (["eval", "checker", "--shards", "{f}"], "no sample could be read from {f}: all 1 shard(s)"),
+    (["eval", "checker", "--shards", "{d}"], "is a folder: give a glob of its shards"),
+    (["sample", "--model", "m", "--prompt", "a red circle", "--out", "{f}"], "--out: {f} is a file: give a folder"),
+    (["export", "--checkpoint", "c", "--out", "{f}/x"], "--out: {f} is a file, not a folder"),
+    (["report", "{d}", "--out", "{d}"], "--out: {d} is a folder: give a file name"),
+    (["cache", "--out", "{d}/c", "--per-shard", "0"], "--per-shard: must be ≥ 1"),
+    (["cache", "--out", "{d}/c", "--batch-size", "-1"], "--batch-size: must be ≥ 1"),
+    (["data", "clean", "--in", "{d}/*.tar", "--out", "{f}"], "--out: {f} is a file: give a folder"),
+])
+def test_other_commands_check_their_input_before_any_work(capsys, tmp_path, argv, needle):
+    paths = {"d": tmp_path, "f": tmp_path / "afile", "latin": tmp_path / "latin.txt",
+             "outside": tmp_path / "outside.txt"}
+    paths["f"].write_text("abc")
+    paths["latin"].write_bytes("a red circle\nun cercle rouge \xe9\n".encode("latin-1"))
+    paths["outside"].write_text("a photo of a cat\nhello world\n")
+    _one_line(capsys, _rc([a.format(**paths) for a in argv]), needle.format(**paths))

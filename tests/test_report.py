@@ -122,11 +122,15 @@ def test_report_adherence_resume_and_out(run_dir, tmp_path):
 
 def test_report_empty_and_missing_run(tmp_path, capsys):
     (tmp_path / "fresh").mkdir()
+    # a folder that is no run wrote a report of nothing, exit 0
+    assert report.main([str(tmp_path / "fresh")]) == 2 and not (tmp_path / "fresh" / "report.html").exists()
+    assert "is not a run folder (no metrics.jsonl or config.toml)" in capsys.readouterr().err
+    (tmp_path / "fresh" / "config.toml").write_text('[train]\nsteps = 10\n')
     assert report.main([str(tmp_path / "fresh")]) == 0  # started, nothing logged yet
     page = (tmp_path / "fresh" / "report.html").read_text()
     assert "<img" not in page and "no steps logged yet" in page
     assert report.main([str(tmp_path / "nope")]) == 2
-    assert "is not a directory" in capsys.readouterr().err
+    assert capsys.readouterr().err.startswith(f"fluxtrain: error: {tmp_path / 'nope'} is not a folder")
 
 
 def test_ema_is_bias_corrected():

@@ -30,6 +30,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fluxtrain import config as C
+from fluxtrain.argtypes import output_dir, positive_int
 from fluxtrain.config import ConfigError
 
 FORMAT = "fluxtrain-cache-v1"
@@ -253,12 +254,12 @@ def main(argv: list[str] | None = None) -> int:
                                  description="precompute VAE latents + T5/CLIP embeddings into shards, on all ranks",
                                  epilog="other options: --section.key value config overrides")
     ap.add_argument("--config", default=None)
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", type=output_dir, required=True)
     # --num-samples under torchrun: torchrun's own parser takes `--num` for an abbreviation of --numa-binding
     ap.add_argument("--num", "--num-samples", dest="num", type=int, default=None,
                     help="synthetic source: how many samples")
-    ap.add_argument("--per-shard", type=int, default=1000, help="synthetic source: samples per shard")
-    ap.add_argument("--batch-size", type=int, default=32, help="encoder batch size")
+    ap.add_argument("--per-shard", type=positive_int, default=1000, help="synthetic source: samples per shard")
+    ap.add_argument("--batch-size", type=positive_int, default=32, help="encoder batch size")
     a, rest = ap.parse_known_args(argv)
     cfg = C.load(a.config, rest)
     rank = int(os.environ.get("RANK", "0"))

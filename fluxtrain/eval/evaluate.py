@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from fluxtrain.argtypes import positive_int, resolution
+from fluxtrain.argtypes import output_file, positive_int, resolution
 from fluxtrain.data.prompts import PROMPTS_DIR, canonical_key, heldout_keys, parse_prompt, read_prompts
 from fluxtrain.eval.shapes_checker import check, check_many
 
@@ -195,6 +195,19 @@ def _line(report: dict) -> str:
     return f"adherence {report['overall']:.3f} on {report['n']} prompts" + (f" [{splits}]" if splits else "")
 
 
+def _die(msg: str) -> int:
+    print(f"fluxtrain: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _in_grammar(prompt: str) -> bool:
+    try:
+        parse_prompt(prompt)
+        return True
+    except ValueError:
+        return False
+
+
 def checker_main(argv: list[str]) -> int:
     from fluxtrain.data.clean import caption_of, expand_shards, image_of, iter_samples
 
@@ -202,15 +215,15 @@ def checker_main(argv: list[str]) -> int:
                                  description="score existing (image, caption) pairs of WebDataset shards")
     ap.add_argument("--shards", required=True, nargs="+", help="glob or brace pattern of .tar shards (quoted, or "
                     "the files the shell expanded it to)")
-    ap.add_argument("--out", default=None, help="JSON report (default: print it)")
-    ap.add_argument("--grid", default=None, help="PNG of the failing pairs")
+    ap.add_argument("--out", type=output_file, default=None, help="JSON report (default: print it)")
+    ap.add_argument("--grid", type=output_file, default=None, help="PNG of the failing pairs")
     ap.add_argument("--limit", type=positive_int, default=None)
     a = ap.parse_args(argv)
     a.shards = " ".join(a.shards)
     t0 = time.time()
     try:
         shards = expand_shards(a.shards)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, IsADirectoryError) as err:
         print(f"fluxtrain: error: {err}", file=sys.stderr)
         return 2
     images, captions, keys, noisy, skipped, errors = [], [], [], [], 0, []
@@ -229,6 +242,10 @@ def checker_main(argv: list[str]) -> int:
             noisy.append(bool(json.loads(s["json"]).get("noisy")) if "json" in s else None)
         except (ValueError, AttributeError):
             noisy.append(None)
+    if not images and errors:  # "adherence 0.000 on 0 prompts", exit 0, before
+        print(f"fluxtrain: error: no sample could be read from {a.shards}: all {len(shards)} shard(s) are damaged or "
+              f"not tar files (first: {Path(errors[0]['shard']).name}: {errors[0]['error']})", file=sys.stderr)
+        return 2
     summary, results = score_pairs(images, captions)
     for r, k in zip(results, keys):
         r["key"] = k
@@ -261,8 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", required=True, help="a diffusers FLUX folder or a checkpoint step-N folder or URL (s3://…)")
     ap.add_argument("--prompts", action="append", default=None,
                     help="prompt file (one a line; repeatable); default: the shipped simple and complex sets")
-    ap.add_argument("--out", default="eval.json")
-    ap.add_argument("--grid", default=None, help="PNG of the failures (default: next to --out, *-failures.png)")
+    ap.add_argument("--out", type=output_file, default="eval.json")
+    ap.add_argument("--grid", type=output_file, default=None, help="PNG of the failures (default: next to --out, *-failures.png)")
     ap.add_argument("--steps", type=positive_int, default=None, help="default: the run's eval.num_inference_steps, else 20")
     ap.add_argument("--resolution", type=resolution, default=None,
                     help="default: the run's data.resolution, else 64 for a ×4 VAE (tiny) and 512 otherwise")
@@ -292,12 +309,28 @@ def main(argv: list[str] | None = None) -> int:
     files = [Path(p) for p in (a.prompts or DEFAULT_PROMPT_FILES)]
     for f in files:
         if not f.is_file():
-            print(f"fluxtrain: error: prompt file '{f}' not found", file=sys.stderr)
+            print(f"fluxtrain: error: prompt file '{f}' " + ("is a folder: give a text file, one prompt a line"
+                                                             if f.is_dir() else "not found"), file=sys.stderr)
             return 2
-    prompts = select_prompts([p for f in files for p in read_prompts(f)], a.limit)
+    try:
+        prompts = select_prompts([p for f in files for p in read_prompts(f)], a.limit)
+    except ValueError as err:
+        return _die(str(err))
     if not prompts:
-        print("fluxtrain: error: no prompts", file=sys.stderr)
-        return 2
+        return _die(f"no prompts in {', '.join(map(str, files))} (one a line; '#' starts a comment)")
+    # everything that can be wrong with the input is said now, not after the generation
+    if not a.clip and not any(_in_grammar(p) for p in prompts):
+        return _die(f"none of the {len(prompts)} prompts is in the shapes grammar (../shared/PROMPTS.md), so none "
+                    "can be checked: give --clip DIR (a local CLIP model folder) to score them with CLIP")
+    if a.clip and not (Path(a.clip) / "config.json").is_file():
+        return _die(f"--clip {a.clip} is not a local CLIP model folder (no config.json there)")
+    if a.train_shards:
+        from fluxtrain.data.clean import expand_shards
+
+        try:
+            expand_shards(a.train_shards)
+        except (FileNotFoundError, IsADirectoryError) as err:
+            return _die(f"--train-shards: {err}")
 
     from fluxtrain.sample import load_for_inference
 
