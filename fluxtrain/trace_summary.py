@@ -98,15 +98,25 @@ def summarize(events: list[dict], top: int = 12) -> dict:
 
 def load(path: str | Path) -> list[dict]:
     p = Path(path)
+    if p.is_dir():  # the profile folder itself: name the traces in it
+        found = sorted(p.glob("*.json*"))
+        raise FileNotFoundError(f"{p} is a folder: give one of its traces ({', '.join(f.name for f in found[:4])})"
+                                if found else f"no trace in {p}: profile with log.profile_steps = [a, b]")
     if not p.is_file():
         raise FileNotFoundError(f"no trace at {p}: profile with log.profile_steps = [a, b] (run_dir/profile/)")
     opener = gzip.open if p.suffix == ".gz" else open
+    what = "not a profiler trace (the JSON that log.profile_steps writes to run_dir/profile/)"
     try:
         with opener(p, "rt") as f:
             data = json.load(f)
+    except EOFError:  # a .gz copied while it was written
+        raise ValueError(f"{what}: the compressed file ends early (copied while it was written?)") from None
     except (UnicodeDecodeError, json.JSONDecodeError, gzip.BadGzipFile) as err:
-        raise ValueError(f"not a profiler trace (the JSON that log.profile_steps writes to run_dir/profile/): {err}") from None
-    return data["traceEvents"] if isinstance(data, dict) else data
+        raise ValueError(f"{what}: {err}") from None
+    events = data.get("traceEvents") if isinstance(data, dict) else data
+    if not isinstance(events, list) or not all(isinstance(e, dict) for e in events):
+        raise ValueError(f"{what}: no list of trace events in it")
+    return events
 
 
 def format_summary(s: dict) -> str:

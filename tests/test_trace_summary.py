@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from fluxtrain.profiler import StepProfiler
-from fluxtrain.trace_summary import kind, summarize
+from fluxtrain.trace_summary import kind, load, summarize
 from tests.helpers import ROOT, env
 from tests.test_profiler import _cfg, _loop
 
@@ -70,3 +70,14 @@ def test_a_real_cpu_trace_and_the_command_line(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "fluxtrain", "trace", str(tmp_path / "nope.json.gz")], cwd=ROOT,
                          env=env(), capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "no trace at" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    # a trace copied mid-write, JSON of another shape, the profile folder itself: tracebacks or "no trace" before
+    data = trace.read_bytes()
+    cases = {"cut.json.gz": (data[: len(data) // 2], "ends early"), "n.json": (b"42", "no list of trace events"),
+             "s.json": (b'{"traceEvents": "abc"}', "no list of trace events"),
+             "o.json": (b'{"format": 1}', "no list of trace events")}
+    for name, (raw, said) in cases.items():
+        (tmp_path / name).write_bytes(raw)
+        with pytest.raises(ValueError, match=said):
+            load(tmp_path / name)
+    with pytest.raises(FileNotFoundError, match="is a folder: give one of its traces \\(trace-rank0-steps2-3"):
+        load(tmp_path / "profile")
