@@ -18,8 +18,8 @@ import torch
 
 from fluxtrain import config as C
 from fluxtrain.argtypes import output_path
-from fluxtrain.checkpoint import (_fs, _storage, is_url, load_failure, location, read_metadata, storage_reader,
-                                  verify)
+from fluxtrain.checkpoint import (_fs, _storage, complete_checkpoints, is_url, load_failure, location, read_metadata,
+                                  storage_reader, verify)
 
 THREADS = 4  # blocks in flight; each holds one block in the export dtype (0.7 GB for FLUX.1-dev's double blocks)
 PIPELINE_PARTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
@@ -28,6 +28,7 @@ PIPELINE_PARTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokeniz
 def run_config_of(ckpt: str | Path) -> C.Config:
     """The run's config: the copy inside the checkpoint (wherever it is stored), else <run>/config.toml two levels up
     (checkpoints saved before the copy existed)."""
+    _is_step_folder(ckpt)
     with _storage(f"cannot read {ckpt}", ckpt):
         fs, path = _fs(ckpt)
         run = posixpath.dirname(posixpath.dirname(path))
@@ -47,6 +48,21 @@ def _opened(ckpt: str | Path) -> C.Config:
     if cfg.checkpoint.digests:
         verify(ckpt)
     return cfg
+
+
+def _is_step_folder(ckpt) -> None:
+    """A local path given for a checkpoint is a step-N folder; a run or checkpoints folder, or a file, is named as such
+    with the step to give instead (they were "no config.toml inside" or a missing .metadata)."""
+    p = Path(ckpt)
+    if is_url(ckpt) or (p / ".metadata").exists():
+        return
+    if p.is_file():
+        raise C.ConfigError(f"{ckpt} is a file: give a checkpoint's step-N folder")
+    for kind, root in (("checkpoints", p), ("run", p / "checkpoints")):
+        steps = complete_checkpoints(root) if root.is_dir() else []
+        if steps:
+            raise C.ConfigError(f"{ckpt} is a {kind} folder, not one checkpoint: give a step-N folder, e.g. the newest, "
+                                f"{steps[-1]}")
 
 
 def weights_section(cfg: C.Config) -> str:

@@ -247,6 +247,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--gpus-per-node", type=positive_int, default=None, help="default: all GPUs, up to 8")
     a, rest = ap.parse_known_args(argv)
     cfg = C.load(a.config, rest)
+    C.validate_world(cfg, a.gpus, on_node(a.gpus, a.gpus_per_node))  # what train would refuse is not "fits"
     plan = predict(cfg, a.gpus)
     print(f"{cfg.model.preset}, {a.gpus} GPUs × {a.gpu_mem_gib:g} GiB, {cfg.parallel.strategy}, AC "
           f"{ac_key(cfg)}, compile {cfg.train.compile}, batch {cfg.train.batch_size}/GPU at {cfg.data.resolution}²")

@@ -241,6 +241,19 @@ def test_verify_command_reports_each_checkpoint(run, tmp_path, capsys):
     assert "is a file: give a step-N folder" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("given, said", [("{run}", "is a run folder, not one checkpoint"),
+                                         ("{run}/checkpoints", "is a checkpoints folder, not one checkpoint"),
+                                         ("{run}/checkpoints/step-00000004/config.toml", "is a file")])
+def test_export_of_a_run_folder_names_the_step_to_give(run, tmp_path, capsys, given, said):
+    # a run folder was "cannot read the metadata of …: FileNotFoundError"
+    given = given.format(run=run)
+    assert cli.main(["export", "--checkpoint", given, "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"fluxtrain: error: {given} {said}") and "\n" not in err, err
+    if "folder" in said:
+        assert err.endswith(f"e.g. the newest, {run}/checkpoints/step-00000004")
+
+
 # "truncated" and "deleted" each with and without the digests (a checkpoint written before them): DCP's own failure
 # is the one line then. "flipped": same size, one byte changed; without digests it loads, silently wrong.
 @pytest.mark.parametrize("damage, with_digests", [("truncated", True), ("deleted", True), ("flipped", True),

@@ -107,6 +107,9 @@ def _rc(argv: list[str]) -> int:
     (["cache", "--out", "{d}/c", "--per-shard", "0"], "--per-shard: must be ≥ 1"),
     (["cache", "--out", "{d}/c", "--batch-size", "-1"], "--batch-size: must be ≥ 1"),
     (["data", "clean", "--in", "{d}/*.tar", "--out", "{f}"], "--out: {f} is a file: give a folder"),
+    # plan said "fits" for a geometry train refuses
+    (["plan", "--config", "configs/tiny.toml", "--gpus", "12", "--gpu-mem-gib", "80", "--parallel.strategy",
+      "HYBRID_SHARD", "--parallel.shard_size", "5"], "shard size 5 does not divide the world size 12"),
 ])
 def test_other_commands_check_their_input_before_any_work(capsys, tmp_path, argv, needle):
     paths = {"d": tmp_path, "f": tmp_path / "afile", "latin": tmp_path / "latin.txt",
