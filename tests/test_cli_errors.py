@@ -55,8 +55,8 @@ def test_bad_numbers_are_argparse_errors_naming_the_option(capsys, argv, needle)
 
 def test_paths_that_cannot_be_used_are_one_line(capsys, tmp_path):
     (tmp_path / "afile").write_text("")
-    _one_line(capsys, cli.main(["data", "synth", "--out", str(tmp_path / "afile" / "x"), "--num", "2"]),
-              f"{tmp_path / 'afile' / 'x'}", "Not a directory")
+    _one_line(capsys, _rc(["data", "synth", "--out", str(tmp_path / "afile" / "x"), "--num", "2"]),
+              f"--out: {tmp_path / 'afile'} is a file, not a folder")
     _one_line(capsys, cli.main(["export", "--checkpoint", str(tmp_path / "nope" / "step-1"), "--out", "o"]),
               f"{tmp_path / 'nope' / 'step-1'} does not exist")
     _one_line(capsys, cli.main(["trace", str(tmp_path / "afile")]), "not a profiler trace")
