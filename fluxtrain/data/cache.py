@@ -144,7 +144,7 @@ def _write_unit(cfg, enc, device, unit, path: Path, meta: dict, batch_size: int)
         tensors = {k: torch.cat(v).contiguous() for k, v in parts.items()}
     else:
         tensors = {}
-    source = f"synthetic[{unit[0]}:{unit[1]}]" if isinstance(unit, tuple) else unit
+    source = _source(cfg, unit)
     md = {**meta, "count": str(len(keys)), "captions": json.dumps(captions), "keys": json.dumps(keys),
           "skipped": json.dumps(skipped), "source": source}
     _save_atomic(tensors, path, md)
@@ -163,14 +163,27 @@ def _save_atomic(tensors: dict, path: Path, metadata: dict) -> None:
     os.replace(tmp, path)
 
 
-def _check_existing(path: Path, meta: dict) -> bool:
+def _source(cfg: C.Config, unit) -> str:
+    """What a shard was made from: its input shard, or the synthetic range with what draws it."""
+    if isinstance(unit, tuple):
+        return f"synthetic[{unit[0]}:{unit[1]}] seed {cfg.data.seed} complex_frac {cfg.data.complex_frac}"
+    return unit
+
+
+def _check_existing(path: Path, meta: dict, source: str) -> bool:
+    """A shard already made (a rerun resumes) must be of this cache: same encoders, resolution, text length and
+    input; a shard left by a run with another data.path was reused before, and the cache silently lacked its data."""
     if not path.is_file():
         return False
-    with safe_open(str(path), "pt") as f:
-        md = f.metadata() or {}
-    for k in ("format", "model_hash", "resolution", "max_text_tokens"):
-        if md.get(k) != meta[k]:
-            raise ConfigError(f"{path} was made with {k} = {md.get(k)} (now {meta[k]}): use a new --out for a new "
+    try:
+        with safe_open(str(path), "pt") as f:
+            md = f.metadata() or {}
+    except Exception as err:  # safetensors raises its own SafetensorError: a truncated or overwritten file
+        raise ConfigError(f"{path} is damaged ({str(err).splitlines()[0][:200]}): delete it and rerun") from None
+    for k, now in (*((k, meta[k]) for k in ("format", "model_hash", "resolution", "max_text_tokens")),
+                   ("source", source)):
+        if md.get(k) != now:
+            raise ConfigError(f"{path} was made with {k} = {md.get(k)} (now {now}): use a new --out for a new "
                               f"cache, or delete the old shards")
     return True
 
@@ -203,7 +216,7 @@ def build_cache(cfg: C.Config, out: str | Path, num: int | None = None, per_shar
         meta = {"format": FORMAT, "model_hash": model_hash(folder), "resolution": str(cfg.data.resolution),
                 "max_text_tokens": str(cfg.model.max_text_tokens)}
         # every rank checks every shard, so that a stale cache stops all ranks alike (none waits at the barrier)
-        done = {j for j in range(len(units)) if _check_existing(_shard_file(out, j), meta)}
+        done = {j for j in range(len(units)) if _check_existing(_shard_file(out, j), meta, _source(cfg, units[j]))}
         todo = [j for j in range(rank, len(units), world) if j not in done]
         t0, made = time.perf_counter(), 0
         enc = Encoders(cfg, device) if todo or rank == 0 else None

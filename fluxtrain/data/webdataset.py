@@ -130,6 +130,10 @@ def _expand(spec: str, origin: str, base: Path | None) -> list[str]:
 
 def _some_exist(urls: list[str], spec: str) -> list[str]:
     local = [u for u in urls if not _SCHEME.match(u)]
+    folder = next((u for u in local if os.path.isdir(u)), None)
+    if folder is not None:  # read as a shard it failed per sample, then "no usable sample"
+        raise ConfigError(f"data.path '{spec}': {folder} is a folder: give a glob of its shards, e.g. "
+                          f"'{folder.rstrip('/')}/*.tar'")
     if local and len(local) == len(urls) and not any(os.path.exists(u) for u in local):
         raise ConfigError(f"data.path '{spec}': none of its {len(local)} shard file(s) exists")
     return urls

@@ -163,6 +163,21 @@ def test_rerun_makes_only_missing_shards(cache, source, encoders, tmp_path):
     assert json.loads((out / "manifest.json").read_text())["count"] == 15
     with pytest.raises(C.ConfigError, match="resolution"):
         main(["--out", str(out), *overrides(source, encoders), "--data.resolution", "64"])
+    # shards of other input (another data.path) were reused: the cache lacked the new input's samples, exit 0
+    other = tmp_path / "other"
+    shutil.copytree(source, other)
+    (other / "shard-000000.tar").rename(other / "shard-000009.tar")
+    with pytest.raises(C.ConfigError, match=r"shard-000000.safetensors was made with source = .*shard-000000.tar "
+                                            r"\(now .*other/shard-000001.tar\)"):
+        main(["--out", str(out), *overrides(other, encoders)])
+    # a damaged shard was a SafetensorError traceback
+    shard = out / "shard-000002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:5])
+    with pytest.raises(C.ConfigError, match="shard-000002.safetensors is damaged .*: delete it and rerun"):
+        main(["--out", str(out), *overrides(source, encoders)])
+    # a folder as data.path was a warning per sample, then "no usable sample"
+    with pytest.raises(C.ConfigError, match=f"{source} is a folder: give a glob of its shards"):
+        main(["--out", str(tmp_path / "c2"), *overrides(source, encoders), "--data.path", str(source)])
 
 
 def test_loader_refuses_a_mismatched_cache(cache, encoders):
