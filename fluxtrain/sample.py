@@ -68,6 +68,18 @@ def text_length_warning(cfg: C.Config) -> str | None:
             "continue it as trained")
 
 
+PARTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")  # what sampling reads beside the model
+
+
+def _check_parts(folder: Path, parts: tuple[str, ...]) -> None:
+    """Each part is there before anything loads (a missing vae/ was transformers' "couldn't connect to
+    huggingface.co", a missing tokenizer_2/ "Repo id must be in the form …")."""
+    for part in parts:
+        if not (Path(folder) / part).is_dir() or not any((Path(folder) / part).iterdir()):
+            raise C.ConfigError(f"{Path(folder) / part} is missing or empty: a FLUX pipeline folder holds "
+                                f"{', '.join(('transformer', *PARTS))}; export the run again (fluxtrain export)")
+
+
 def load_for_inference(model_path: str | Path, device: torch.device, max_text_tokens: int | None = None):
     """(transformer, text encoders, vae, TrainedFor) from a diffusers folder or a checkpoint (a folder or an fsspec
     URL such as s3://…); `max_text_tokens` overrides the length the model's run trained with."""
@@ -80,10 +92,13 @@ def load_for_inference(model_path: str | Path, device: torch.device, max_text_to
     if max_text_tokens is not None and max_text_tokens < 1:
         raise C.ConfigError(f"--max-text-tokens {max_text_tokens}: give at least 1")
     p = Path(model_path)  # only looked at for local paths: Path folds a URL's `s3://` into `s3:/`
+    if not is_url(model_path) and p.name == "transformer" and (p.parent / "model_index.json").is_file():
+        raise C.ConfigError(f"{p} is the pipeline's transformer part: give the pipeline folder, {p.parent}")
     if not is_url(model_path) and ((p / "model_index.json").is_file() or p.suffix == ".safetensors"):
-        kw = pretrained_kwargs(p) if p.is_dir() else None
-        if kw is None:
+        if p.is_file():
             raise C.ConfigError(f"{p}: a BFL single file needs a config; sample from a diffusers folder instead")
+        _check_parts(p, ("transformer", *PARTS))
+        kw = pretrained_kwargs(p)
         folder = p
         model = build_transformer(kw, device="cpu")
         load_state_into(model, iter_pretrained_state(p, kw["num_attention_heads"] * kw["attention_head_dim"]))
@@ -99,6 +114,10 @@ def load_for_inference(model_path: str | Path, device: torch.device, max_text_to
 
         model, cfg, folder = load_checkpoint_model(model_path)
         trained = TrainedFor.of_run(cfg)
+        if folder is None:
+            raise C.ConfigError(f"{model_path}: its run's text encoders and VAE (model.encoders, else model.pretrained "
+                                "or the shipped tiny ones) are not on this machine: copy them to that path")
+        _check_parts(folder, PARTS)
     if max_text_tokens is not None:
         trained = dataclasses.replace(trained, max_text_tokens=max_text_tokens)
     dev_dtype = torch.float32

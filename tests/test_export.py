@@ -220,3 +220,31 @@ def test_a_checkpoint_whose_run_resumed_from_a_moved_folder_still_exports(tmp_pa
     cfg.checkpoint.resume = str(tmp_path / "moved" / "step-00000001")
     C.save(cfg, ckpt / "config.toml")
     assert run_config_of(ckpt).checkpoint.resume == cfg.checkpoint.resume
+
+
+@pytest.mark.parametrize("damage, said", [
+    ("no vae", "/vae is missing or empty: a FLUX pipeline folder holds"),  # "couldn't connect to huggingface.co"
+    ("no tokenizer_2", "/tokenizer_2 is missing or empty"),  # "Repo id must be in the form …"
+    ("truncated weights", "diffusion_pytorch_model.safetensors is damaged or not a safetensors file"),  # Rust error
+    ("the transformer part", "is the pipeline's transformer part: give the pipeline folder"),
+])
+def test_a_damaged_pipeline_folder_is_one_line(tmp_path, capsys, damage, said):
+    import shutil
+
+    from fluxtrain.cli import main as cli_main
+    from fluxtrain.models.tiny import tiny_folder
+
+    m = tmp_path / "m"
+    shutil.copytree(tiny_folder(), m)
+    model = m
+    if damage.startswith("no "):
+        shutil.rmtree(m / damage[3:])
+    elif damage == "truncated weights":
+        w = next((m / "transformer").glob("*.safetensors"))
+        w.write_bytes(w.read_bytes()[:100])
+    else:
+        model = m / "transformer"
+    assert cli_main(["sample", "--model", str(model), "--prompt", "a red circle", "--steps", "1", "--resolution",
+                     "32", "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("fluxtrain: error: ") and said in err[-1], err

@@ -11,7 +11,7 @@ from typing import Iterator
 
 import torch
 from diffusers import FluxTransformer2DModel
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from fluxtrain.models import bfl
 from fluxtrain.models.presets import transformer_kwargs
@@ -56,19 +56,24 @@ def iter_pretrained_state(pretrained: str | Path, inner_dim: int) -> Iterator[tu
     BFL files fuse q/k/v, so they are converted as a whole (memory-mapped, so untouched tensors stay on disk).
     """
     files = _safetensors_files(Path(pretrained))
-    with safe_open(str(files[0]), framework="pt") as f:
-        first_keys = list(f.keys())
-    if bfl.is_bfl(first_keys):
-        sd = {}
+    path = files[0]
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            first_keys = list(f.keys())
+        if bfl.is_bfl(first_keys):
+            sd = {}
+            for path in files:
+                with safe_open(str(path), framework="pt") as f:
+                    sd.update({k: f.get_tensor(k) for k in f.keys()})
+            yield from bfl.bfl_to_diffusers(sd, inner_dim).items()
+            return
         for path in files:
             with safe_open(str(path), framework="pt") as f:
-                sd.update({k: f.get_tensor(k) for k in f.keys()})
-        yield from bfl.bfl_to_diffusers(sd, inner_dim).items()
-        return
-    for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            for k in f.keys():
-                yield k, f.get_tensor(k)
+                for k in f.keys():
+                    yield k, f.get_tensor(k)
+    except SafetensorError as err:  # a truncated or overwritten file: a traceback from the Rust reader before
+        raise WeightsError(f"{path} is damaged or not a safetensors file ({str(err)[:200]}): export or download it "
+                           "again") from None
 
 
 def load_state_into(model: torch.nn.Module, items: Iterator[tuple[str, torch.Tensor]]) -> None:
