@@ -235,6 +235,14 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--threads", type=int, default=THREADS,
                     help="transformer blocks read, converted and written at once (each holds a block in memory)")
     a = ap.parse_args(argv)
+    out_dir = Path(a.out)
+    if a.format != "bfl" and out_dir.suffix == ".safetensors":
+        raise C.ConfigError(f"--out {a.out}: a {a.format} export is a folder (a single .safetensors file is "
+                            "--format bfl): give a folder name")
+    if a.format == "diffusers" and out_dir.is_dir() and any(out_dir.iterdir()) \
+            and not (out_dir / "model_index.json").is_file():  # an earlier export is replaced; other files are not ours
+        raise C.ConfigError(f"--out {a.out} holds other files (no model_index.json of an earlier export): give a new "
+                            "or empty folder")
     out = (export_lora(a.checkpoint, a.out, a.dtype) if a.format == "lora"
            else export(a.checkpoint, a.format, a.out, a.dtype, a.threads))
     print(f"exported to {out}")

@@ -103,6 +103,8 @@ def _rc(argv: list[str]) -> int:
     (["eval", "checker", "--shards", "{d}"], "is a folder: give a glob of its shards"),
     (["sample", "--model", "m", "--prompt", "a red circle", "--out", "{f}"], "--out: {f} is a file: give a folder"),
     (["export", "--checkpoint", "c", "--out", "{f}/x"], "--out: {f} is a file, not a folder"),
+    (["export", "--checkpoint", "c", "--out", "{d}"], "holds other files (no model_index.json"),  # mixed in silently
+    (["export", "--checkpoint", "c", "--out", "{d}/x.safetensors"], "a diffusers export is a folder"),
     (["report", "{d}", "--out", "{d}"], "--out: {d} is a folder: give a file name"),
     (["cache", "--out", "{d}/c", "--per-shard", "0"], "--per-shard: must be ≥ 1"),
     (["cache", "--out", "{d}/c", "--batch-size", "-1"], "--batch-size: must be ≥ 1"),
