@@ -101,6 +101,7 @@ def _rc(argv: list[str]) -> int:
     (["eval", "--model", "m", "--train-shards", "{d}/nothing-*.tar"], "--train-shards: no shard files match"),
     (["eval", "checker", "--shards", "{f}"], "no sample could be read from {f}: all 1 shard(s)"),
     (["eval", "checker", "--shards", "{d}"], "is a folder: give a glob of its shards"),
+    (["eval", "chekcer", "--shards", "{d}"], "unknown eval subcommand 'chekcer' (did you mean 'checker'?)"),
     (["sample", "--model", "m", "--prompt", "a red circle", "--out", "{f}"], "--out: {f} is a file: give a folder"),
     (["export", "--checkpoint", "c", "--out", "{f}/x"], "--out: {f} is a file, not a folder"),
     (["export", "--checkpoint", "c", "--out", "{d}"], "holds other files (no model_index.json"),  # mixed in silently

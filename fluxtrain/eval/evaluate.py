@@ -273,6 +273,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "checker":
         return checker_main(argv[1:])
+    if argv and not argv[0].startswith("-"):  # eval takes options only: a word first is a misspelt subcommand
+        import difflib
+
+        near = " (did you mean 'checker'?)" if difflib.get_close_matches(argv[0], ["checker"], n=1) else ""
+        return _die(f"unknown eval subcommand '{argv[0]}'{near}: `fluxtrain eval checker --shards GLOB` scores "
+                    "existing pairs, `fluxtrain eval --model M` generates and scores")
     ap = argparse.ArgumentParser(prog="fluxtrain eval", description="prompt adherence on held-out prompts "
                                  "(use `fluxtrain eval checker --shards GLOB` to score existing pairs)")
     ap.add_argument("--model", required=True, help="a diffusers FLUX folder or a checkpoint step-N folder or URL (s3://…)")
