@@ -99,6 +99,9 @@ def load_for_inference(model_path: str | Path, device: torch.device, max_text_to
             raise C.ConfigError(f"{p}: a BFL single file needs a config; sample from a diffusers folder instead")
         _check_parts(p, ("transformer", *PARTS))
         kw = pretrained_kwargs(p)
+        if kw is None:
+            raise C.ConfigError(f"{p / 'transformer' / 'config.json'} is missing: export the run again "
+                                "(fluxtrain export)")
         folder = p
         model = build_transformer(kw, device="cpu")
         load_state_into(model, iter_pretrained_state(p, kw["num_attention_heads"] * kw["attention_head_dim"]))
