@@ -216,9 +216,10 @@ def verify(path, rank: int = 0, world: int = 1) -> tuple[int, int] | None:
     """Check a local checkpoint's files against the SHA-256 digests written with them, the files spread over the
     ranks (collective when world > 1); (files, bytes) checked, None where it has no digests (an object store, an older
     checkpoint). A mismatch is a CheckpointError on every rank, naming the file."""
-    if is_url(path) and not isinstance(_fs(path)[0], LocalFileSystem):
+    fs, local = _fs(path)
+    if not isinstance(fs, LocalFileSystem):
         return None
-    folder = Path(_fs(path)[1])
+    folder = Path(local)
     entries = digests.listed(folder)
     if entries is None:
         return None

@@ -28,7 +28,7 @@ PIPELINE_PARTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokeniz
 def run_config_of(ckpt: str | Path) -> C.Config:
     """The run's config: the copy inside the checkpoint (wherever it is stored), else <run>/config.toml two levels up
     (checkpoints saved before the copy existed)."""
-    _is_step_folder(ckpt)
+    _check_step_folder(ckpt)
     with _storage(f"cannot read {ckpt}", ckpt):
         fs, path = _fs(ckpt)
         run = posixpath.dirname(posixpath.dirname(path))
@@ -50,7 +50,7 @@ def _opened(ckpt: str | Path) -> C.Config:
     return cfg
 
 
-def _is_step_folder(ckpt) -> None:
+def _check_step_folder(ckpt) -> None:
     """A local path given for a checkpoint is a step-N folder; a run or checkpoints folder, or a file, is named as such
     with the step to give instead (they were "no config.toml inside" or a missing .metadata)."""
     p = Path(ckpt)
@@ -61,8 +61,8 @@ def _is_step_folder(ckpt) -> None:
     for kind, root in (("checkpoints", p), ("run", p / "checkpoints")):
         steps = complete_checkpoints(root) if root.is_dir() else []
         if steps:
-            raise C.ConfigError(f"{ckpt} is a {kind} folder, not one checkpoint: give a step-N folder, e.g. the newest, "
-                                f"{steps[-1]}")
+            raise C.ConfigError(f"{ckpt} is a {kind} folder, not one checkpoint: give a step-N folder, e.g. the "
+                                f"newest, {steps[-1]}")
 
 
 def weights_section(cfg: C.Config) -> str:

@@ -246,11 +246,13 @@ def clean(inp_glob: str, out_dir: str | Path, clip_dir: str | Path | None = None
     if out.is_file():
         raise NotADirectoryError(f"--out {out} is a file: give a folder for the clean shards")
     olds = sorted(out.glob("shard-*.tar")) if out.is_dir() else []
-    if {Path(s).resolve() for s in shards} & {p.resolve() for p in out.iterdir()} if out.is_dir() else False:
-        raise FileExistsError(f"--out {out} holds input shards: give another folder (cleaning writes shard-*.tar there)")
+    there = {p.resolve() for p in out.iterdir()} if out.is_dir() else set()
+    if there & {Path(s).resolve() for s in shards}:
+        raise FileExistsError(f"--out {out} holds input shards: give another folder (cleaning writes shard-*.tar "
+                              "there)")
     if olds and not (out / "report.json").is_file():  # shards an earlier clean did not write: someone's data
-        raise FileExistsError(f"--out {out} already holds {len(olds)} shard-*.tar files that no earlier clean wrote (no "
-                              "report.json): give a new or empty folder")
+        raise FileExistsError(f"--out {out} already holds {len(olds)} shard-*.tar files that no earlier clean wrote "
+                              "(no report.json): give a new or empty folder")
     out.mkdir(parents=True, exist_ok=True)
     for old in olds:  # a re-run must not leave shards of a previous, larger output behind
         old.unlink()

@@ -26,6 +26,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from fluxtrain.argtypes import output_file, positive_int, resolution
+from fluxtrain.cli import _die
 from fluxtrain.data.prompts import PROMPTS_DIR, canonical_key, heldout_keys, parse_prompt, read_prompts
 from fluxtrain.eval.shapes_checker import check, check_many
 
@@ -195,11 +196,6 @@ def _line(report: dict) -> str:
     return f"adherence {report['overall']:.3f} on {report['n']} prompts" + (f" [{splits}]" if splits else "")
 
 
-def _die(msg: str) -> int:
-    print(f"fluxtrain: error: {msg}", file=sys.stderr)
-    return 2
-
-
 def _in_grammar(prompt: str) -> bool:
     try:
         parse_prompt(prompt)
@@ -224,8 +220,7 @@ def checker_main(argv: list[str]) -> int:
     try:
         shards = expand_shards(a.shards)
     except (FileNotFoundError, IsADirectoryError) as err:
-        print(f"fluxtrain: error: {err}", file=sys.stderr)
-        return 2
+        return _die(str(err))
     images, captions, keys, noisy, skipped, errors = [], [], [], [], 0, []
     for s in iter_samples(shards, errors):
         if a.limit and len(images) >= a.limit:
@@ -243,9 +238,8 @@ def checker_main(argv: list[str]) -> int:
         except (ValueError, AttributeError):
             noisy.append(None)
     if not images and errors:  # "adherence 0.000 on 0 prompts", exit 0, before
-        print(f"fluxtrain: error: no sample could be read from {a.shards}: all {len(shards)} shard(s) are damaged or "
-              f"not tar files (first: {Path(errors[0]['shard']).name}: {errors[0]['error']})", file=sys.stderr)
-        return 2
+        return _die(f"no sample could be read from {a.shards}: all {len(shards)} shard(s) are damaged or not tar files "
+                    f"(first: {Path(errors[0]['shard']).name}: {errors[0]['error']})")
     summary, results = score_pairs(images, captions)
     for r, k in zip(results, keys):
         r["key"] = k
@@ -285,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompts", action="append", default=None,
                     help="prompt file (one a line; repeatable); default: the shipped simple and complex sets")
     ap.add_argument("--out", type=output_file, default="eval.json")
-    ap.add_argument("--grid", type=output_file, default=None, help="PNG of the failures (default: next to --out, *-failures.png)")
+    ap.add_argument("--grid", type=output_file, default=None,
+                    help="PNG of the failures (default: next to --out, *-failures.png)")
     ap.add_argument("--steps", type=positive_int, default=None, help="default: the run's eval.num_inference_steps, else 20")
     ap.add_argument("--resolution", type=resolution, default=None,
                     help="default: the run's data.resolution, else 64 for a ×4 VAE (tiny) and 512 otherwise")
@@ -308,16 +303,14 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     t0 = time.time()
     if a.cfg_interval and not 0 <= a.cfg_interval[0] <= a.cfg_interval[1] <= 1:
-        print(f"fluxtrain: error: --cfg-interval {a.cfg_interval[0]} {a.cfg_interval[1]}: give 0 ≤ LO ≤ HI ≤ 1 "
-              "(σ: 1 is noise)", file=sys.stderr)
-        return 2
+        return _die(f"--cfg-interval {a.cfg_interval[0]} {a.cfg_interval[1]}: give 0 ≤ LO ≤ HI ≤ 1 "
+                    "(σ: 1 is noise)")
 
     files = [Path(p) for p in (a.prompts or DEFAULT_PROMPT_FILES)]
     for f in files:
         if not f.is_file():
-            print(f"fluxtrain: error: prompt file '{f}' " + ("is a folder: give a text file, one prompt a line"
-                                                             if f.is_dir() else "not found"), file=sys.stderr)
-            return 2
+            return _die(f"prompt file '{f}' " + ("is a folder: give a text file, one prompt a line" if f.is_dir()
+                                                 else "not found"))
     try:
         prompts = select_prompts([p for f in files for p in read_prompts(f)], a.limit)
     except ValueError as err:
