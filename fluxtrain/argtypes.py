@@ -47,6 +47,13 @@ def synth_size(text: str) -> int:
     return v
 
 
+def prompt_text(text: str) -> str:
+    """A prompt: an empty one would sample an unconditioned image and name a grid cell with nothing."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty: give the text to sample")
+    return text
+
+
 def output_file(text: str) -> str:
     """A file to write: checked before any work, so that hours of generation are not lost to a bad path."""
     p = Path(text)

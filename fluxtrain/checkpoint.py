@@ -54,6 +54,14 @@ class CheckpointError(RuntimeError):
     pass
 
 
+class DamagedCheckpoint(CheckpointError):
+    """A file that does not match its digest: `what` names it, for `fluxtrain verify`'s own line."""
+
+    def __init__(self, path, what: str):
+        super().__init__(f"{path} is damaged: {what}: {EARLIER}")
+        self.what = what
+
+
 def is_url(loc) -> bool:
     return "://" in str(loc)
 
@@ -230,7 +238,7 @@ def verify(path, rank: int = 0, world: int = 1) -> tuple[int, int] | None:
         bad = None if t.item() == len(entries) else int(t.item())
     if bad is not None:
         what = digests.problem(folder, entries[bad]) or "a file changed while checked"
-        raise CheckpointError(f"{path} is damaged: {what}: {EARLIER}")
+        raise DamagedCheckpoint(path, what)
     return len(entries), sum(size for _, size, _ in entries)
 
 

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from fluxtrain.argtypes import fraction, output_dir, positive_int, resolution, synth_size
+from fluxtrain.argtypes import fraction, output_dir, positive_int, prompt_text, resolution, synth_size
 
 
 def _die(msg: str) -> int:
@@ -142,13 +142,13 @@ def cmd_data(argv: list[str]) -> int:
 def cmd_sample(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="fluxtrain sample")
     ap.add_argument("--model", required=True, help="a diffusers FLUX folder, or a checkpoint step-N folder or URL (s3://…)")
-    ap.add_argument("--prompt", action="append", required=True)
+    ap.add_argument("--prompt", action="append", required=True, type=prompt_text)
     ap.add_argument("--out", type=output_dir, required=True)
     ap.add_argument("--resolution", type=resolution, default=None)
     ap.add_argument("--steps", type=positive_int, default=20)
     ap.add_argument("--guidance", type=float, default=None)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--max-text-tokens", type=int, default=None, help="as fluxtrain eval's")
+    ap.add_argument("--max-text-tokens", type=positive_int, default=None, help="as fluxtrain eval's")
     a = ap.parse_args(argv)
     from fluxtrain.sample import sample_to_dir
 

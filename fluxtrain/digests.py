@@ -85,7 +85,7 @@ def main(argv: list[str]) -> int:
     step-N folder, or a run (or checkpoints) folder for all its complete checkpoints. Exit code 1 if any is damaged."""
     import argparse
 
-    from fluxtrain.checkpoint import CheckpointError, checkpoint_root, complete_checkpoints, verify
+    from fluxtrain.checkpoint import CheckpointError, DamagedCheckpoint, checkpoint_root, complete_checkpoints, verify
     from fluxtrain.config import ConfigError
     from fluxtrain.export import run_config_of
 
@@ -112,7 +112,7 @@ def main(argv: list[str]) -> int:
             run_config_of(p)  # config.toml, which rank 0 adds as it publishes, after the digests: export needs it
         except (CheckpointError, ConfigError) as err:
             count["damaged"] += 1
-            print(f"damaged      {str(err).split(': use an earlier', 1)[0].replace(' is damaged: ', ': ', 1)}")
+            print(f"damaged      {f'{p}: {err.what}' if isinstance(err, DamagedCheckpoint) else err}")
             continue
         count["intact" if checked else "not checked"] += 1
         print(f"intact       {p}: {checked[0]} files, {checked[1] / 2**20:.1f} MiB" if checked else

@@ -25,6 +25,14 @@ THREADS = 4  # blocks in flight; each holds one block in the export dtype (0.7 G
 PIPELINE_PARTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 
 
+def _isfile(fs, f: str) -> bool:
+    """fs.isfile, but an unreachable store raises (s3fs's isfile answers False to any error, a wrong endpoint too)."""
+    try:
+        return fs.info(f)["type"] == "file"
+    except FileNotFoundError:
+        return False
+
+
 def run_config_of(ckpt: str | Path) -> C.Config:
     """The run's config: the copy inside the checkpoint (wherever it is stored), else <run>/config.toml two levels up
     (checkpoints saved before the copy existed)."""
@@ -32,7 +40,7 @@ def run_config_of(ckpt: str | Path) -> C.Config:
     with _storage(f"cannot read {ckpt}", ckpt):
         fs, path = _fs(ckpt)
         run = posixpath.dirname(posixpath.dirname(path))
-        found = next((f for f in (f"{path}/config.toml", f"{run}/config.toml") if fs.isfile(f)), None)
+        found = next((f for f in (f"{path}/config.toml", f"{run}/config.toml") if _isfile(fs, f)), None)
         data = found and fs.cat_file(found)
     if found is None:
         if not is_url(ckpt) and not Path(ckpt).exists():

@@ -14,7 +14,7 @@ from torch.distributed.checkpoint import _fsspec_filesystem, filesystem
 from fluxtrain import cli, digests
 from fluxtrain.checkpoint import CheckpointError, read_metadata, storage_reader, verify
 from fluxtrain.export import _groups, export, load_checkpoint_model
-from tests.helpers import FAST, events, fluxtrain, torchrun
+from tests.helpers import FAST, events, fluxtrain, free_port, torchrun
 from tests.test_checkpoint_s3 import s3  # noqa: F401 — the moto S3 endpoint fixture
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
@@ -180,6 +180,26 @@ def test_s3_export_fetches_the_metadata_once_and_refuses_pickles(s3_here, run, t
     with pytest.raises(CheckpointError, match=rf"{url}/\.metadata: refuses to unpickle '\w+\.system'"):
         export(url, "bfl", tmp_path / "f.safetensors")
     assert not pwned.exists()
+
+
+def test_an_unreachable_store_is_named_not_called_a_folder_without_config(tmp_path, monkeypatch):
+    """s3fs's isfile answers False to any error: a wrong endpoint was reported as 'no config.toml inside'."""
+    import s3fs
+
+    from fluxtrain.export import run_config_of
+
+    for k, v in {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1",
+                 "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}", "AWS_MAX_ATTEMPTS": "1",
+                 "NO_PROXY": "127.0.0.1"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(s3fs.S3FileSystem, "retries", 1)
+    s3fs.S3FileSystem.clear_instance_cache()
+    url = "s3://nowhere/run/checkpoints/step-00000004"
+    try:
+        with pytest.raises(CheckpointError, match=rf"^cannot read {url}: EndpointConnectionError: .*; check the URL"):
+            run_config_of(url)
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
 
 
 @pytest.mark.parametrize("command", ["export", "sample"])

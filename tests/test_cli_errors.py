@@ -46,6 +46,9 @@ def test_the_world_is_checked_before_torchrun_starts(capsys, monkeypatch):
     (["eval", "--model", "x", "--resolution", "50"], "--resolution: must be a multiple of 16"),
     (["eval", "--model", "x", "--limit", "-1"], "--limit: must be ≥ 1"),
     (["sample", "--model", "x", "--prompt", "a", "--out", "o", "--steps", "abc"], "--steps: not an integer"),
+    (["sample", "--model", "x", "--prompt", " ", "--out", "o"], "--prompt: is empty"),  # an unconditioned image
+    (["sample", "--model", "x", "--prompt", "a", "--out", "o", "--max-text-tokens", "0"], "--max-text-tokens: must be"),
+    (["eval", "--model", "x", "--max-text-tokens", "-3"], "--max-text-tokens: must be ≥ 1"),
 ])
 def test_bad_numbers_are_argparse_errors_naming_the_option(capsys, argv, needle):
     with pytest.raises(SystemExit) as e:

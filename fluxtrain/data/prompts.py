@@ -315,13 +315,18 @@ def _holds(a: Obj, rel: str, b: Obj, margin: float) -> bool:
 MIN_SIZE = 32
 
 
+def check_room(size: int) -> None:
+    """Below MIN_SIZE pixels a complex scene's objects cannot be placed apart (layout would give up after its tries)."""
+    if size < MIN_SIZE:
+        raise ValueError(f"the synthetic shapes need an image side ≥ {MIN_SIZE} px, got {size}")
+
+
 def layout(spec: Spec, size: int, rng: random.Random, max_tries: int = 2000) -> Scene:
     """Place the spec's objects: inside the image, bounding boxes `gap` apart, diameters in [size/6, size/4]
     (so >= size/8 as the contract wants). A relation puts B along A's axis at least rA+rB+gap away (>= 1.5 radii)
     with a perpendicular offset under half a radius, so the relation holds with margin and no perpendicular
     relation does. Deterministic for a given rng state."""
-    if size < MIN_SIZE:
-        raise ValueError(f"the synthetic shapes need an image side ≥ {MIN_SIZE} px, got {size}")
+    check_room(size)
     objs_cs, rels = spec.objects, spec.relations
     partner = {i: (rel, j) for i, rel, j in rels}
     gap = max(3.0, size / 20)

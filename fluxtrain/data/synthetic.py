@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from fluxtrain.data.augment import augment_caption
-from fluxtrain.data.prompts import (BACKGROUND, COLORS, MIN_SIZE, Scene, Spec, corrupt_caption, format_spec,
+from fluxtrain.data.prompts import (BACKGROUND, COLORS, Scene, Spec, check_room, corrupt_caption, format_spec,
                                     layout, parse_prompt, read_prompts, sample_spec)
 
 
@@ -51,8 +51,7 @@ class SyntheticShapes:
     scenes, also described through relations and counts the sampled caption did not state."""
 
     def __init__(self, size: int, complex_frac: float = 0.0, seed: int = 0, caption_augment: float = 0.0):
-        if size < MIN_SIZE:
-            raise ValueError(f"the synthetic shapes need an image side ≥ {MIN_SIZE} px, got {size}")
+        check_room(size)
         self.size, self.complex_frac, self.seed, self.caption_augment = size, complex_frac, seed, caption_augment
 
     def __len__(self) -> int:

@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="default: the run's data.resolution, else 64 for a ×4 VAE (tiny) and 512 otherwise")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--guidance", type=float, default=None, help="default: the run's model.guidance, else 3.5")
-    ap.add_argument("--max-text-tokens", type=int, default=None,
+    ap.add_argument("--max-text-tokens", type=positive_int, default=None,
                     help="T5 length prompts are padded to (default: the run's model.max_text_tokens, else 512); FLUX "
                          "attends to every padded token, so give the length the model trained with")
     ap.add_argument("--true-cfg", type=float, default=None,
