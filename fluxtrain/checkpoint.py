@@ -51,14 +51,18 @@ DONE = "COMPLETE"
 
 
 class CheckpointError(RuntimeError):
-    pass
+    """`agreed`: every rank raised this same error (a collective decided it), so the CLI prints rank 0's line only."""
+
+    def __init__(self, msg: str, agreed: bool = False):
+        super().__init__(msg)
+        self.agreed = agreed
 
 
 class DamagedCheckpoint(CheckpointError):
     """A file that does not match its digest: `what` names it, for `fluxtrain verify`'s own line."""
 
-    def __init__(self, path, what: str):
-        super().__init__(f"{path} is damaged: {what}: {EARLIER}")
+    def __init__(self, path, what: str, agreed: bool = False):
+        super().__init__(f"{path} is damaged: {what}: {EARLIER}", agreed)
         self.what = what
 
 
@@ -184,10 +188,11 @@ def load_failure(path, err: BaseException) -> CheckpointError:
     """A failed DCP load as one line: a model/config that does not fit (DCP names the key or the sizes), or files
     that can't be read (truncated, overwritten, deleted: EOFError, an unpickling error, FileNotFoundError)."""
     msg = [m.strip() for m in str(err).strip().splitlines()]
+    agreed = isinstance(err, CheckpointException)  # DCP gathers the failures: every rank has the same one
     fit = next((m for m in reversed(msg) if "Missing key" in m or "ize mismatch" in m), None)
     if fit is not None:
-        return CheckpointError(f"{path} does not fit this model/config: {fit.split(': ', 1)[-1][:300]}")
-    return CheckpointError(f"{path} cannot be read ({_reason(err)}): {DAMAGED}")
+        return CheckpointError(f"{path} does not fit this model/config: {fit.split(': ', 1)[-1][:300]}", agreed)
+    return CheckpointError(f"{path} cannot be read ({_reason(err)}): {DAMAGED}", agreed)
 
 
 @contextlib.contextmanager
@@ -238,7 +243,7 @@ def verify(path, rank: int = 0, world: int = 1) -> tuple[int, int] | None:
         bad = None if t.item() == len(entries) else int(t.item())
     if bad is not None:
         what = digests.problem(folder, entries[bad]) or "a file changed while checked"
-        raise DamagedCheckpoint(path, what)
+        raise DamagedCheckpoint(path, what, agreed=world > 1)
     return len(entries), sum(size for _, size, _ in entries)
 
 

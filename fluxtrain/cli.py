@@ -217,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     except (RuntimeError, ValueError) as err:
         if not isinstance(err, _input_errors()):
             raise
+        if getattr(err, "agreed", False) and os.environ.get("RANK", "0") != "0":
+            return 2  # every rank raised the same error: rank 0's line is the one
         return _die(str(err))
     except OSError as err:
         # a path that can't be written or read (an output folder under a file, no permission, a disk full): the
