@@ -267,6 +267,31 @@ def set_aside_earlier(run_dir: str | Path, ckpt_dir: str = "", is_main: bool = T
     return len(done), dest
 
 
+def set_aside_later(run_dir: str | Path, ckpt_dir: str, step: int, is_main: bool = True) -> tuple[int, Path] | None:
+    """A resume at `step` where this run's checkpoint folder holds later steps (a branch given up: the run went back
+    to an earlier checkpoint): the main rank moves those to <folder>.after-step-N-<UTC time>, nothing deleted. Left in
+    place, retention keeps the highest steps (it deleted the new branch's checkpoint as soon as it was written) and
+    the next checkpoint.resume = auto continues the branch given up."""
+    root = checkpoint_root(run_dir, ckpt_dir)
+    later = [p for p in complete_checkpoints(root) if _step_of(p) > step]
+    if not later:
+        return None
+    if is_url(root):
+        raise CheckpointError(f"{root} holds {len(later)} checkpoints past step {step}, the one resumed from; this "
+                              "run's would mix with them: move or delete them, or set another checkpoint.dir")
+    dest = root.with_name(f"{root.name}.after-step-{step}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+    if is_main:
+        dest.mkdir()
+        for p in later:
+            p.rename(dest / p.name)
+    return len(later), dest
+
+
+def _step_of(path) -> int:
+    name = posixpath.basename(str(path).rstrip("/"))
+    return int(name[5:]) if name[5:].isdigit() else -1
+
+
 def find_resume(run_dir: str | Path, resume: str, ckpt_dir: str = "") -> Path | str | None:
     if resume == "never":
         return None

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from fluxtrain import config as C
 from fluxtrain import flow, rng
-from fluxtrain.checkpoint import Checkpointer, find_resume, set_aside_earlier
+from fluxtrain.checkpoint import Checkpointer, find_resume, set_aside_earlier, set_aside_later
 from fluxtrain.data.loader import build_loader
 from fluxtrain.metrics import MetricsWriter, Throughput, flux_flops_per_sample, memory_stats, setup_logging
 from fluxtrain.models.setup import build_training_model, encoders_folder, model_kwargs
@@ -331,6 +331,10 @@ def _train(cfg: C.Config, D: pmesh.Dist, run_dir: Path, log) -> dict:
             log.warning(f"the checkpoint is at step {start}, at or past train.steps = {tc.steps}: nothing to train; "
                         f"raise --train.steps to continue")
         metrics.event(start, "resume", path=str(resume), resharded=extra["resharded"])
+        if (later := set_aside_later(run_dir, cfg.checkpoint.dir, start, D.is_main)) and D.is_main:
+            log.warning(f"resumed at step {start} before this run's later checkpoints: moved {later[0]} of them to "
+                        f"{later[1]}, so that they are neither kept over this run's nor resumed from")
+        dist.barrier()  # no rank saves into the folder before the main one has moved them
 
     stop = {"signal": None}
     for s in (signal.SIGTERM, signal.SIGUSR1):

@@ -334,3 +334,18 @@ def test_a_resume_says_what_changed_and_when_nothing_is_left_to_train(run, tmp_p
                      str(ckpt), "--train.output_dir", str(tmp_path / "resumed2")], timeout=300)
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
     assert "has no step count" in res.stderr.strip().splitlines()[-1], res.stderr[-2000:]
+
+
+def test_a_resume_from_an_earlier_step_moves_the_later_checkpoints_aside(run, tmp_path):
+    # resumed at step 2 in a folder holding step 4: retention kept steps 4 and 2 and deleted the new step 3 as soon as
+    # it was written, and the next auto resume went on from the step 4 given up
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    res = fluxtrain(["train", "--config", "configs/tiny.toml", *ARGS, "--train.steps", "3", "--checkpoint.interval",
+                     "1", "--checkpoint.keep", "2", "--checkpoint.resume", str(out / "checkpoints" / "step-00000002"),
+                     "--train.output_dir", str(out)], timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "moved 1 of them to" in res.stderr + res.stdout, res.stderr[-3000:]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002", "step-00000003"]
+    aside = [p for p in out.iterdir() if p.name.startswith("checkpoints.after-step-2-")]
+    assert len(aside) == 1 and (aside[0] / "step-00000004" / "COMPLETE").is_file()
