@@ -215,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
             return _die(f"'fluxtrain {cmd}' is not available in this version ({err.name} missing)")
         raise
     except (RuntimeError, ValueError) as err:
+        if type(err).__name__ == "PeerFailed" and "RANK" in os.environ:
+            return 1  # the rank that failed first printed its error; torchrun reports that one
         if not isinstance(err, _input_errors()):
             raise
         if getattr(err, "agreed", False) and os.environ.get("RANK", "0") != "0":

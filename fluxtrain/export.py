@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from fluxtrain import config as C
-from fluxtrain.argtypes import output_path
+from fluxtrain.argtypes import output_path, positive_int
 from fluxtrain.checkpoint import (_fs, _storage, complete_checkpoints, is_url, load_failure, location, read_metadata,
                                   storage_reader, verify)
 
@@ -188,7 +188,34 @@ def export(ckpt: str | Path, fmt: str, out: str | Path, dtype: str = "bf16", thr
            shard_bytes: int | None = None) -> Path:
     """Write the checkpoint's transformer as a FluxPipeline folder (`fmt` "diffusers": the run's encoders/VAE
     beside a transformer/ sharded as diffusers shards it) or a BFL single file (`fmt` "bfl"). Returns the folder or
-    file written."""
+    file written. It is written beside its place (.partial-NAME) and then takes it: an earlier export there stays
+    whole until this one is (a failed re-export had deleted its weights), and none of its parts are kept."""
+    out = Path(out)
+    final = out if fmt == "diffusers" or out.suffix == ".safetensors" else out / "flux1-transformer.safetensors"
+    staging = final.with_name(f".partial-{final.name}")
+    _remove(staging)  # a partial export that a crash left
+    try:
+        _export_to(ckpt, fmt, staging, dtype, threads, shard_bytes)
+    except BaseException:
+        _remove(staging)
+        raise
+    replaced = final.with_name(f".replaced-{final.name}")
+    _remove(replaced)
+    if final.exists():
+        final.rename(replaced)
+    staging.rename(final)
+    _remove(replaced)
+    return final
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir():
+        shutil.rmtree(p)
+    else:
+        p.unlink(missing_ok=True)
+
+
+def _export_to(ckpt: str | Path, fmt: str, out: Path, dtype: str, threads: int, shard_bytes: int | None) -> None:
     from fluxtrain.models import bfl
     from fluxtrain.models.flux import SHARD_BYTES, SafetensorsWriter, build_transformer, diffusers_writer
     from fluxtrain.models.setup import model_kwargs
@@ -211,17 +238,16 @@ def export(ckpt: str | Path, fmt: str, out: str | Path, dtype: str = "bf16", thr
     if fmt == "diffusers":
         folder = _encoders(cfg)
         for part in PIPELINE_PARTS:
-            if folder and (folder / part).exists() and not (out / part).exists():
+            if folder and (folder / part).exists():
                 shutil.copytree(folder / part, out / part)
         if folder and (folder / "model_index.json").is_file():
             out.mkdir(parents=True, exist_ok=True)
             shutil.copy(folder / "model_index.json", out / "model_index.json")
         writer = diffusers_writer({k: (v.shape, dt) for k, v in plan.items()}, dict(ref.config), out / "transformer",
                                   shard_bytes or SHARD_BYTES)
-        convert, target = (lambda sd: sd), out
+        convert = lambda sd: sd  # noqa: E731
     else:
-        target = out if out.suffix == ".safetensors" else out / "flux1-transformer.safetensors"
-        writer = SafetensorsWriter({target: {k: (v.shape, dt) for k, v in bfl.diffusers_to_bfl(plan).items()}})
+        writer = SafetensorsWriter({out: {k: (v.shape, dt) for k, v in bfl.diffusers_to_bfl(plan).items()}})
         convert = bfl.diffusers_to_bfl
     with writer:
         _stream(read, convert, writer, _groups(plan), threads)
@@ -229,7 +255,6 @@ def export(ckpt: str | Path, fmt: str, out: str | Path, dtype: str = "bf16", thr
         from fluxtrain.sample import TrainedFor
 
         TrainedFor.of_run(cfg).write(out)
-    return target
 
 
 def main(argv: list[str]) -> int:
@@ -240,15 +265,17 @@ def main(argv: list[str]) -> int:
                          "merged weights for diffusers/bfl")
     ap.add_argument("--out", type=output_path, required=True)
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
-    ap.add_argument("--threads", type=int, default=THREADS,
+    ap.add_argument("--threads", type=positive_int, default=THREADS,
                     help="transformer blocks read, converted and written at once (each holds a block in memory)")
     a = ap.parse_args(argv)
+    from fluxtrain.sample import TRAINED_FOR
+
     out_dir = Path(a.out)
     if a.format != "bfl" and out_dir.suffix == ".safetensors":
         raise C.ConfigError(f"--out {a.out}: a {a.format} export is a folder (a single .safetensors file is "
                             "--format bfl): give a folder name")
-    if a.format == "diffusers" and out_dir.is_dir() and any(out_dir.iterdir()) \
-            and not (out_dir / "model_index.json").is_file():  # an earlier export is replaced; other files are not ours
+    if a.format == "diffusers" and out_dir.is_dir() and any(out_dir.iterdir()) and not any(
+            (out_dir / f).is_file() for f in ("model_index.json", TRAINED_FOR)):  # an earlier export is replaced
         raise C.ConfigError(f"--out {a.out} holds other files (no model_index.json of an earlier export): give a new "
                             "or empty folder")
     out = (export_lora(a.checkpoint, a.out, a.dtype) if a.format == "lora"

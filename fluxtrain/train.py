@@ -263,12 +263,19 @@ def train(cfg: C.Config) -> dict:
     dist.barrier()
     log = setup_logging(run_dir, D.rank)
     try:
-        return _train(cfg, D, run_dir, log)
-    except Exception as err:
-        log.error(f"rank {D.rank} failed: {type(err).__name__}: {err}")
+        out = _train(cfg, D, run_dir, log)
+    except BaseException as err:
+        # no closing barrier: the peers may wait in a collective this rank never joins (its data slot ran dry), and
+        # would hold it until the timeout; exiting lets torchrun stop them at once
+        pmesh.teardown(D.owns_group, wait_for_peers=False)
+        if D.world_size > 1 and pmesh.peer_gone(err):
+            log.info(f"rank {D.rank} stopped: another rank failed first ({type(err).__name__}: {str(err)[:200]})")
+            raise pmesh.PeerFailed(f"rank {D.rank} stopped: another rank failed first") from err
+        if isinstance(err, Exception):
+            log.error(f"rank {D.rank} failed: {type(err).__name__}: {err}")
         raise
-    finally:
-        pmesh.teardown(D.owns_group)
+    pmesh.teardown(D.owns_group)
+    return out
 
 
 def _train(cfg: C.Config, D: pmesh.Dist, run_dir: Path, log) -> dict:

@@ -349,3 +349,25 @@ def test_a_resume_from_an_earlier_step_moves_the_later_checkpoints_aside(run, tm
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002", "step-00000003"]
     aside = [p for p in out.iterdir() if p.name.startswith("checkpoints.after-step-2-")]
     assert len(aside) == 1 and (aside[0] / "step-00000004" / "COMPLETE").is_file()
+
+
+def test_a_re_export_replaces_the_earlier_whole_and_a_failed_one_leaves_it(run, tmp_path):
+    # a failed re-export deleted the earlier export's weights up front; a good one kept its stale encoder parts
+    out = tmp_path / "exp"
+    export(run / "checkpoints" / "step-00000004", "diffusers", out, dtype="fp32")
+    (out / "vae" / "config.json").write_text('{"junk": true}')
+    weights = sorted(p.name for p in (out / "transformer").iterdir())
+    bad = _copy(run, tmp_path, with_digests=False)
+    (bad / "__0_0.distcp").write_bytes(b"x" * 10)
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        export(bad, "diffusers", out, dtype="fp32")
+    assert sorted(p.name for p in (out / "transformer").iterdir()) == weights  # the earlier export is whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exp", "step-00000004"]  # no .partial-/.replaced- left
+    export(run / "checkpoints" / "step-00000004", "diffusers", out, dtype="fp32")
+    assert "junk" not in (out / "vae" / "config.json").read_text()
+    f = tmp_path / "f.safetensors"
+    export(run / "checkpoints" / "step-00000004", "bfl", f)
+    size = f.stat().st_size
+    with pytest.raises(CheckpointError):
+        export(bad, "bfl", f)
+    assert f.stat().st_size == size

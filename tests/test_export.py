@@ -194,8 +194,9 @@ def test_eval_of_a_folder_without_fluxtrain_json_says_so_and_takes_a_text_length
     assert main(common + ["--max-text-tokens", "24", "--out", str(tmp_path / "b.json")]) == 0
     assert "has no fluxtrain.json" not in capsys.readouterr().err
     assert json.loads((tmp_path / "b.json").read_text())["max_text_tokens"] == 24
-    assert cli_main(["eval"] + common + ["--max-text-tokens", "0", "--out", str(tmp_path / "z.json")]) == 2
-    assert "--max-text-tokens 0: give at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # argparse's, before the model loads
+        cli_main(["eval"] + common + ["--max-text-tokens", "0", "--out", str(tmp_path / "z.json")])
+    assert e.value.code == 2 and "--max-text-tokens: must be ≥ 1" in capsys.readouterr().err
     # `sample` loads the same way: the same line and the same override
     assert cli_main(["sample", "--model", str(tmp_path / "m"), "--prompt", "a red circle", "--steps", "1",
                      "--resolution", "32", "--out", str(tmp_path / "s")]) == 0

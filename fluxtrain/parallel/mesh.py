@@ -130,10 +130,21 @@ def build_mesh(cfg: Config, device_type: str, world: int, local_world: int) -> D
     return init_device_mesh(device_type, (world,), mesh_dim_names=("dp",))
 
 
-def teardown(owns_group: bool = True) -> None:
+class PeerFailed(RuntimeError):
+    """This rank's collective broke because another rank exited: that rank's error is the one to read (torchrun
+    reports the first failure), so the CLI prints none for this one."""
+
+
+def peer_gone(err: BaseException) -> bool:
+    text = str(err)
+    return isinstance(err, dist.DistBackendError) or "closed by peer" in text or "reset by peer" in text
+
+
+def teardown(owns_group: bool = True, wait_for_peers: bool = True) -> None:
     if dist.is_initialized() and owns_group:
-        try:
-            dist.barrier()
-        except Exception:  # a peer already failed: don't hang on it
-            pass
+        if wait_for_peers:
+            try:
+                dist.barrier()
+            except Exception:  # a peer already failed: don't hang on it
+                pass
         dist.destroy_process_group()

@@ -306,3 +306,20 @@ def test_an_empty_tar_is_counted_and_logged(tmp_path):
         take(x, 2)  # one epoch: both shards read
     assert x.skipped_by_reason.get("empty") == 1, x.skipped_by_reason
     assert any("empty" in r.getMessage() and "a-001.tar" in r.getMessage() for r in records)
+
+
+def test_one_rank_without_data_stops_every_rank_at_once(tmp_path):
+    # one sample, two ranks: rank 1's slot is empty. It raised, and rank 0 waited in its all-gather, rank 1 in the
+    # closing barrier, for parallel.nccl_timeout_s (10 minutes), ending in a gloo traceback that blamed rank 0
+    from fluxtrain.data.synthetic import write_shards
+    from tests.helpers import FAST, fluxtrain
+
+    write_shards(tmp_path / "d", 1)
+    res = fluxtrain(["train", "--config", "configs/tiny.toml", "--nproc-per-node", "2", *FAST, "--train.steps", "3",
+                     "--parallel.nccl_timeout_s", "300", "--data.source", "webdataset", "--data.path",
+                     str(tmp_path / "d" / "*.tar"), "--train.output_dir", str(tmp_path / "run")], timeout=150)
+    errors = [line for line in res.stderr.splitlines() if "error" in line.lower() or "Traceback" in line]
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert [e for e in errors if e.startswith("fluxtrain: error: ")] == [
+        "fluxtrain: error: rank 1 worker 0: no usable sample in epoch 0 of shard(s) shard-000000.tar"], errors
+    assert not any("Traceback" in e or "[rank0]" in e for e in errors), errors
