@@ -145,15 +145,17 @@ def cmd_sample(argv: list[str]) -> int:
     ap.add_argument("--prompt", action="append", required=True, type=prompt_text)
     ap.add_argument("--out", type=output_dir, required=True)
     ap.add_argument("--resolution", type=resolution, default=None)
-    ap.add_argument("--steps", type=positive_int, default=20)
+    ap.add_argument("--steps", type=positive_int, default=None,
+                    help="default: the run's eval.num_inference_steps, else 20")
     ap.add_argument("--guidance", type=float, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-text-tokens", type=positive_int, default=None, help="as fluxtrain eval's")
+    ap.add_argument("--true-cfg", type=float, default=None, help="as fluxtrain eval's")
     a = ap.parse_args(argv)
     from fluxtrain.sample import sample_to_dir
 
     paths = sample_to_dir(a.model, a.prompt, a.out, resolution=a.resolution, steps=a.steps, guidance=a.guidance,
-                          seed=a.seed, max_text_tokens=a.max_text_tokens)
+                          seed=a.seed, max_text_tokens=a.max_text_tokens, true_cfg=a.true_cfg)
     print(f"wrote {len(paths)} images and grid.png to {a.out}")
     return 0
 

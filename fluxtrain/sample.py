@@ -131,16 +131,19 @@ def load_for_inference(model_path: str | Path, device: torch.device, max_text_to
     return model.to(device).eval(), text, vae, trained
 
 
-def sample_to_dir(model_path, prompts: list[str], out: str | Path, resolution: int | None = None, steps: int = 20,
-                  guidance: float | None = None, seed: int = 0, max_text_tokens: int | None = None) -> list[Path]:
+def sample_to_dir(model_path, prompts: list[str], out: str | Path, resolution: int | None = None,
+                  steps: int | None = None, guidance: float | None = None, seed: int = 0,
+                  max_text_tokens: int | None = None, true_cfg: float | None = None) -> list[Path]:
+    """Each setting left None is the run's (TrainedFor): the images its eval and training grid made."""
     from fluxtrain.eval.grid import generate, save_grid
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, text, vae, trained = load_for_inference(model_path, device, max_text_tokens)
     res = resolution or trained.resolution
     g = guidance if guidance is not None else trained.guidance
-    images = generate(model, text, vae, prompts, res, steps=steps,
-                      guidance=g if model.config.guidance_embeds else None, seed=seed)
+    images = generate(model, text, vae, prompts, res, steps=steps or trained.steps,
+                      guidance=g if model.config.guidance_embeds else None, seed=seed,
+                      true_cfg=true_cfg if true_cfg is not None else trained.true_cfg)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = []

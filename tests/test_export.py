@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from PIL import Image
 from safetensors.torch import load_file
 
 from fluxtrain import config as C
@@ -132,7 +133,7 @@ def test_an_export_samples_as_its_checkpoint(tmp_path):
     gives the checkpoint's images. Before, an export was sampled with 512 T5 tokens whatever its run trained on, and
     FLUX attends to every padded token."""
     from fluxtrain.eval.grid import generate
-    from fluxtrain.sample import TrainedFor, load_for_inference
+    from fluxtrain.sample import TrainedFor, load_for_inference, sample_to_dir
 
     kw = transformer_kwargs("tiny")
     model = build_transformer(kw, "cpu")
@@ -149,6 +150,9 @@ def test_an_export_samples_as_its_checkpoint(tmp_path):
     images = [generate(m, t, v, ["a red circle", "two blue squares"], tf.resolution, steps=tf.steps,
                        guidance=tf.guidance, seed=0, true_cfg=tf.true_cfg) for m, t, v, tf in loaded]
     assert all(a.size == (32, 32) and a.tobytes() == b.tobytes() for a, b in zip(*images))
+    # `fluxtrain sample` with nothing given makes the same images (it sampled 20 steps without CFG)
+    paths = sample_to_dir(out, ["a red circle", "two blue squares"], tmp_path / "s")
+    assert [Image.open(p).tobytes() for p in paths] == [im.tobytes() for im in images[1]]
     (out / "fluxtrain.json").write_text('{"max_text_tokens": "24"')  # broken by hand: a one-line error
     with pytest.raises(C.ConfigError, match="fluxtrain.json: .*delete it to sample with FLUX.1-dev's defaults"):
         load_for_inference(out, torch.device("cpu"))
