@@ -1,7 +1,11 @@
 """Bad command lines end in one `fluxtrain: error:` line (or argparse's, naming the option) with exit code 2: no
 traceback, no run started. Each case here was a traceback or a silent run before (an audit of 62 bad inputs)."""
 
+import io
+import tarfile
+
 import pytest
+from PIL import Image
 
 from fluxtrain import cli
 from tests.helpers import fluxtrain
@@ -104,6 +108,10 @@ def _rc(argv: list[str]) -> int:
     (["eval", "--model", "m", "--train-shards", "{d}/nothing-*.tar"], "--train-shards: no shard files match"),
     (["eval", "checker", "--shards", "{f}"], "no sample could be read from {f}: all 1 shard(s)"),
     (["eval", "checker", "--shards", "{d}"], "is a folder: give a glob of its shards"),
+    # both were "adherence 0.000 on 0 prompts", exit 0
+    (["eval", "checker", "--shards", "{oog}"], "none of the 1 captions of {oog} is in the shapes grammar (first: "
+                                               "'hello world'"),
+    (["eval", "checker", "--shards", "{nocap}"], "no sample of {nocap} has both an image and a caption (1 skipped)"),
     (["eval", "chekcer", "--shards", "{d}"], "unknown eval subcommand 'chekcer' (did you mean 'checker'?)"),
     (["sample", "--model", "m", "--prompt", "a red circle", "--out", "{f}"], "--out: {f} is a file: give a folder"),
     (["export", "--checkpoint", "c", "--out", "{f}/x"], "--out: {f} is a file, not a folder"),
@@ -123,4 +131,17 @@ def test_other_commands_check_their_input_before_any_work(capsys, tmp_path, argv
     paths["f"].write_text("abc")
     paths["latin"].write_bytes("a red circle\nun cercle rouge \xe9\n".encode("latin-1"))
     paths["outside"].write_text("a photo of a cat\nhello world\n")
+    for name, members in {"oog": {"x.png": _png(), "x.txt": b"hello world"}, "nocap": {"x.png": _png()}}.items():
+        paths[name] = tmp_path / f"{name}.tar"
+        with tarfile.open(paths[name], "w") as tar:
+            for member, data in members.items():
+                info = tarfile.TarInfo(member)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
     _one_line(capsys, _rc([a.format(**paths) for a in argv]), needle.format(**paths))
+
+
+def _png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), "white").save(buf, format="PNG")
+    return buf.getvalue()

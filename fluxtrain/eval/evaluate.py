@@ -6,7 +6,8 @@ CLIP score; `fluxtrain eval checker`: the checker on existing (image, caption) p
                    [--train-shards GLOB]
     fluxtrain eval checker --shards GLOB [--out F.json] [--grid F.png] [--limit N]
 
-JSON: {"overall", "n", "per_form", "per_split", "per_relation"} as `shapes_checker.check_many`, plus
+JSON: {"overall", "n", "per_form", "per_split", "per_relation"} as `shapes_checker.summarize` (each group's entries
+{"pass": fraction, "n": count}), plus
 "train_overlap" (eval prompts whose meaning a training caption can have: see `train_overlap`), "n_unparsed"
 (prompts outside the grammar: not checked, CLIP-scored only), "clip_score" (mean 100 × cosine, or null),
 per-prompt "results" and the run's settings. The PNG shows the failures, each captioned with its prompt and the
@@ -28,7 +29,7 @@ from PIL import Image, ImageDraw
 from fluxtrain.argtypes import output_file, positive_int, resolution
 from fluxtrain.cli import _die
 from fluxtrain.data.prompts import PROMPTS_DIR, canonical_key, heldout_keys, parse_prompt, read_prompts
-from fluxtrain.eval.shapes_checker import check, check_many
+from fluxtrain.eval.shapes_checker import check, summarize
 
 DEFAULT_PROMPT_FILES = (PROMPTS_DIR / "simple.txt", PROMPTS_DIR / "complex.txt")
 
@@ -36,20 +37,20 @@ DEFAULT_PROMPT_FILES = (PROMPTS_DIR / "simple.txt", PROMPTS_DIR / "complex.txt")
 # ------------------------------------------------------------------------------------------------ scoring
 
 def score_pairs(images: list, prompts: list[str]) -> tuple[dict, list[dict]]:
-    """(summary as check_many over the prompts inside the grammar + "n_unparsed", per-pair results)."""
-    results, pairs = [], []
+    """(summary as summarize over the prompts inside the grammar + "n_unparsed", per-pair results)."""
+    results, scored = [], []
     for img, p in zip(images, prompts):
         try:
             spec = parse_prompt(p)
         except ValueError as err:
             results.append({"prompt": p, "passed": None, "reasons": [f"outside the grammar: {err}"]})
             continue
-        r = check(img, p)
+        r = check(img, p)  # once: check_many would run it again
         results.append({"prompt": p, "split": spec.split, "form": spec.form_name, "passed": r.passed,
                         "reasons": r.reasons})
-        pairs.append((img, p))
-    summary = check_many(pairs)
-    summary["n_unparsed"] = len(prompts) - len(pairs)
+        scored.append((spec, r.passed))
+    summary = summarize(scored)
+    summary["n_unparsed"] = len(prompts) - len(scored)
     return summary, results
 
 
@@ -240,7 +241,14 @@ def checker_main(argv: list[str]) -> int:
     if not images and errors:  # "adherence 0.000 on 0 prompts", exit 0, before
         return _die(f"no sample could be read from {a.shards}: all {len(shards)} shard(s) are damaged or not tar files "
                     f"(first: {Path(errors[0]['shard']).name}: {errors[0]['error']})")
+    if not images:
+        return _die(f"no sample of {a.shards} has both an image and a caption ({skipped} skipped): check the "
+                    "shards' member names (KEY.png/.jpg with KEY.txt)")
     summary, results = score_pairs(images, captions)
+    if not summary["n"]:  # "adherence 0.000 on 0 prompts", exit 0, before
+        first = next(r for r in results if r["passed"] is None)
+        return _die(f"none of the {len(captions)} captions of {a.shards} is in the shapes grammar (first: "
+                    f"'{first['prompt'][:80]}': {first['reasons'][0]}); eval checker scores synthetic-shapes pairs")
     for r, k in zip(results, keys):
         r["key"] = k
     report = {**summary, "train_overlap": 0, "n_samples": len(images), "n_skipped": skipped,

@@ -183,15 +183,19 @@ def check(image, prompt: str) -> CheckResult:
 
 
 def check_many(pairs) -> dict:
-    """Summary over (image, prompt) pairs: overall pass fraction, and per form, split and relation (a prompt counts
+    """Summary over (image, prompt) pairs: see summarize."""
+    return summarize((parse_prompt(prompt), check(image, prompt).passed) for image, prompt in pairs)
+
+
+def summarize(scored) -> dict:
+    """Summary over (spec, passed) pairs: overall pass fraction, and per form, split and relation (a prompt counts
     under each relation it uses, "none" if it has none)."""
     tot = [0, 0]
     groups: dict[str, dict[str, list[int]]] = {"per_form": defaultdict(lambda: [0, 0]),
                                                "per_split": defaultdict(lambda: [0, 0]),
                                                "per_relation": defaultdict(lambda: [0, 0])}
-    for image, prompt in pairs:
-        spec = parse_prompt(prompt)
-        ok = int(check(image, prompt).passed)
+    for spec, passed in scored:
+        ok = int(passed)
         keys = {"per_form": [spec.form_name], "per_split": [spec.split],
                 "per_relation": sorted({r for _, r, _ in spec.relations}) or ["none"]}
         for g, ks in keys.items():
