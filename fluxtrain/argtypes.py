@@ -7,7 +7,7 @@ import argparse
 import os
 from pathlib import Path
 
-from fluxtrain.data.prompts import MIN_SIZE
+from fluxtrain.data.prompts import MIN_SIZE, parse_prompt, read_prompts
 
 
 def positive_int(text: str) -> int:
@@ -51,6 +51,24 @@ def prompt_text(text: str) -> str:
     """A prompt: an empty one would sample an unconditioned image and name a grid cell with nothing."""
     if not text.strip():
         raise argparse.ArgumentTypeError("is empty: give the text to sample")
+    return text
+
+
+def grammar_prompts(text: str) -> str:
+    """A prompts file whose every line is in the shapes grammar (PROMPTS.md): checked before anything is rendered."""
+    try:
+        prompts = read_prompts(text)
+    except OSError as err:
+        raise argparse.ArgumentTypeError(f"cannot read {text}: {err.strerror or err}")
+    except ValueError as err:  # not UTF-8
+        raise argparse.ArgumentTypeError(str(err))
+    if not prompts:
+        raise argparse.ArgumentTypeError(f"{text} holds no prompt (one a line; blank lines and # comments are skipped)")
+    for p in prompts:
+        try:
+            parse_prompt(p)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"{text}: '{p[:80]}' is not in the shapes grammar ({err}): see PROMPTS.md")
     return text
 
 

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from fluxtrain.argtypes import fraction, output_dir, positive_int, prompt_text, resolution, synth_size
+from fluxtrain.argtypes import fraction, grammar_prompts, output_dir, positive_int, prompt_text, resolution, synth_size
 
 
 def _die(msg: str) -> int:
@@ -120,7 +120,7 @@ def cmd_data(argv: list[str]) -> int:
     s.add_argument("--size", type=synth_size, default=64)
     s.add_argument("--complex-frac", type=fraction, default=0.0)
     s.add_argument("--noise-frac", type=fraction, default=0.0)
-    s.add_argument("--prompts", default=None)
+    s.add_argument("--prompts", type=grammar_prompts, default=None, help="render these prompts in turn")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--per-shard", type=positive_int, default=1000)
     c = sub.add_parser("clean", help="drop label noise and broken samples, write clean shards and a report")

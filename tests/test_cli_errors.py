@@ -121,6 +121,12 @@ def _rc(argv: list[str]) -> int:
     (["cache", "--out", "{d}/c", "--per-shard", "0"], "--per-shard: must be ≥ 1"),
     (["cache", "--out", "{d}/c", "--batch-size", "-1"], "--batch-size: must be ≥ 1"),
     (["data", "clean", "--in", "{d}/*.tar", "--out", "{f}"], "--out: {f} is a file: give a folder"),
+    # tracebacks (ValueError), after --out had been made
+    (["data", "synth", "--out", "{d}/s", "--num", "2", "--prompts", "{comments}"], "--prompts: {comments} holds no "
+                                                                                   "prompt"),
+    (["data", "synth", "--out", "{d}/s", "--num", "2", "--prompts", "{outside}"], "--prompts: {outside}: 'a photo of "
+                                                                                  "a cat' is not in the shapes grammar"),
+    (["data", "synth", "--out", "{d}/s", "--num", "2", "--prompts", "{latin}"], "is not UTF-8 text"),
     # plan said "fits" for a geometry train refuses
     (["plan", "--config", "configs/tiny.toml", "--gpus", "12", "--gpu-mem-gib", "80", "--parallel.strategy",
       "HYBRID_SHARD", "--parallel.shard_size", "5"], "shard size 5 does not divide the world size 12"),
@@ -131,6 +137,8 @@ def test_other_commands_check_their_input_before_any_work(capsys, tmp_path, argv
     paths["f"].write_text("abc")
     paths["latin"].write_bytes("a red circle\nun cercle rouge \xe9\n".encode("latin-1"))
     paths["outside"].write_text("a photo of a cat\nhello world\n")
+    paths["comments"] = tmp_path / "comments.txt"
+    paths["comments"].write_text("# only a comment\n\n")
     for name, members in {"oog": {"x.png": _png(), "x.txt": b"hello world"}, "nocap": {"x.png": _png()}}.items():
         paths[name] = tmp_path / f"{name}.tar"
         with tarfile.open(paths[name], "w") as tar:

@@ -419,7 +419,7 @@ def make_heldout_sets(seed: int = HELDOUT_SEED, n_complex: int = 64, write: bool
 def read_prompts(path: str | Path) -> list[str]:
     """One prompt a line; blank lines and '#' comments skipped. A file that is not UTF-8 text is a ValueError."""
     try:
-        lines = [ln.strip() for ln in Path(path).read_text(encoding="utf-8").splitlines()]
+        lines = [ln.strip() for ln in Path(path).read_text(encoding="utf-8-sig").splitlines()]  # -sig: Notepad's BOM
     except UnicodeDecodeError as err:
         raise ValueError(f"prompt file {path} is not UTF-8 text ({err.reason} at byte {err.start}): save it as UTF-8, "
                          "one prompt a line") from None

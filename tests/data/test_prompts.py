@@ -188,3 +188,10 @@ def test_corrupt_caption_changes_meaning_once():
 
 def test_palette():
     assert len(COLORS) == 8 and len(set(COLORS.values())) == 8 and set(FORMS) == {1, 2, 3, 4, 5}
+
+
+def test_a_prompt_file_saved_with_a_bom_reads_as_its_text(tmp_path):
+    # Notepad's UTF-8 BOM made the first prompt "\ufeffa red circle": "unknown count '\ufeffa'"
+    f = tmp_path / "p.txt"
+    f.write_bytes("a red circle\r\ntwo blue squares\r\n".encode("utf-8-sig"))
+    assert read_prompts(f) == ["a red circle", "two blue squares"]
