@@ -72,6 +72,21 @@ def grammar_prompts(text: str) -> str:
     return text
 
 
+def torch_device(text: str) -> str:
+    """cpu, cuda or cuda:N that this machine has."""
+    import torch
+
+    try:
+        d = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a device: give cpu, cuda or cuda:N") from None
+    if d.type == "cuda" and (d.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"'{text}': this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if d.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"'{text}': give cpu, cuda or cuda:N")
+    return text
+
+
 def output_file(text: str) -> str:
     """A file to write: checked before any work, so that hours of generation are not lost to a bad path."""
     p = Path(text)
@@ -91,19 +106,23 @@ def output_dir(text: str) -> str:
 
 
 def output_path(text: str) -> str:
-    """A file or a folder to write (export: a folder, or a .safetensors file)."""
-    _writable_parent(Path(text))
+    """A file or a folder to write (export: a folder, or a .safetensors file). An export is written beside its place
+    and then renamed into it, so its parent folder must be writable even where the path exists."""
+    _writable_parent(Path(text), beside=True)
     return text
 
 
-def _writable_parent(p: Path) -> None:
-    """The nearest existing ancestor must be a folder this process may write in."""
+def _writable_parent(p: Path, beside: bool = False) -> None:
+    """An existing path must be writable (a read-only folder failed only after every image was made); else the
+    nearest existing ancestor must be a folder this process may write in."""
     up = p.absolute().parent
     while not up.exists():
         up = up.parent
     if not up.is_dir():
         raise argparse.ArgumentTypeError(f"{up} is a file, not a folder: give a path outside it")
-    if not (p.exists() and os.access(p, os.W_OK)) and not os.access(up, os.W_OK | os.X_OK):
+    if p.exists() and not os.access(p, os.W_OK | (os.X_OK if p.is_dir() else 0)):
+        raise argparse.ArgumentTypeError(f"no permission to write {p}")
+    if (beside or not p.exists()) and not os.access(up, os.W_OK | os.X_OK):
         raise argparse.ArgumentTypeError(f"no permission to write in {up}")
 
 

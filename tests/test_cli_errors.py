@@ -53,6 +53,8 @@ def test_the_world_is_checked_before_torchrun_starts(capsys, monkeypatch):
     (["sample", "--model", "x", "--prompt", " ", "--out", "o"], "--prompt: is empty"),  # an unconditioned image
     (["sample", "--model", "x", "--prompt", "a", "--out", "o", "--max-text-tokens", "0"], "--max-text-tokens: must be"),
     (["eval", "--model", "x", "--max-text-tokens", "-3"], "--max-text-tokens: must be ≥ 1"),
+    (["eval", "--model", "x", "--device", "foo"], "--device: 'foo' is not a device"),  # tracebacks after loading
+    (["eval", "--model", "x", "--device", "cuda:99"], "--device: 'cuda:99': this machine has"),
 ])
 def test_bad_numbers_are_argparse_errors_naming_the_option(capsys, argv, needle):
     with pytest.raises(SystemExit) as e:
@@ -153,3 +155,17 @@ def _png() -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (64, 64), "white").save(buf, format="PNG")
     return buf.getvalue()
+
+
+def test_an_existing_output_that_cannot_be_written_is_refused_before_any_work(capsys, tmp_path, monkeypatch):
+    # a read-only --out folder passed the check (only its parent was looked at): sample failed after every image.
+    # The tests run as root, which may write anywhere: os.access is made to answer as for a read-only folder.
+    import os
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(ro) and mode & os.W_OK else real(p, mode))
+    _one_line(capsys, _rc(["sample", "--model", "m", "--prompt", "a red circle", "--out", str(ro)]),
+              f"--out: no permission to write {ro}")
+    _one_line(capsys, _rc(["export", "--checkpoint", "c", "--out", str(ro / "x")]), f"no permission to write in {ro}")

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from fluxtrain.argtypes import output_file, positive_int, resolution
+from fluxtrain.argtypes import output_file, positive_int, resolution, torch_device
 from fluxtrain.cli import _die
 from fluxtrain.data.prompts import PROMPTS_DIR, canonical_key, heldout_keys, parse_prompt, read_prompts
 from fluxtrain.eval.shapes_checker import check, summarize
@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=positive_int, default=16, help="prompts per generation chunk")
     ap.add_argument("--clip", default=None, help="local CLIP model folder: also report the mean CLIP score")
     ap.add_argument("--train-shards", default=None, help="count overlap against these shards' captions")
-    ap.add_argument("--device", default=None)
+    ap.add_argument("--device", type=torch_device, default=None)
     a = ap.parse_args(argv)
     t0 = time.time()
     if a.cfg_interval and not 0 <= a.cfg_interval[0] <= a.cfg_interval[1] <= 1:
