@@ -88,13 +88,12 @@ def iter_samples(shards: list[str], errors: list[dict] | None = None) -> Iterato
                     key, ext = _split_name(m.name)
                     if not ext or os.path.basename(key).startswith("."):
                         continue
-                    data = tf.extractfile(m).read()
-                    if cur is not None and cur["__key__"] != key:
-                        yield cur
+                    if cur is not None and cur["__key__"] != key:  # before this member is read: cut short,
+                        yield cur  # it must not take the complete sample before it along
                         cur = None
                     if cur is None:
                         cur = {"__key__": key, "__shard__": shard}
-                    cur[ext.lower()] = data
+                    cur[ext.lower()] = tf.extractfile(m).read()
             if cur is not None:
                 yield cur
         except (tarfile.TarError, OSError, EOFError) as err:

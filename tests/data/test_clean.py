@@ -210,3 +210,19 @@ def test_a_folder_or_a_pattern_matching_nothing_is_one_line(dataset, tmp_path, c
     assert main(spec.format(d=d), str(tmp_path / "out")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and said.format(d=d) in err[0], err
+
+
+@pytest.mark.parametrize("cut_in", ["the first member", "a later member"])
+def test_a_shard_cut_inside_a_sample_keeps_every_complete_sample_before_it(tmp_path, cut_in):
+    # cut inside sample 5's first member, sample 4 (complete) was dropped too, and not counted
+    write_shards(tmp_path / "d", 10, per_shard=10)
+    shard = tmp_path / "d" / "shard-000000.tar"
+    members = [m for m in tarfile.open(shard).getmembers() if m.isfile()]
+    i = next(j for j, m in enumerate(members) if m.name.endswith("00000005.json" if cut_in == "the first member"
+                                                                  else "00000005.txt"))
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(shard.read_bytes()[:members[i].offset_data + 10])
+    errors: list = []
+    keys = [s["__key__"] for s in iter_samples([str(cut)], errors)]
+    assert keys == [f"0000-{k:08d}" for k in range(5)], keys
+    assert len(errors) == 1 and errors[0]["partial_key"] == "0000-00000005", errors
