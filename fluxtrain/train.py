@@ -150,12 +150,16 @@ def forward_backward(model, enc: Encoders, batch: dict, cfg: C.Config, device, s
 
 
 def data_counts(data, cfg: C.Config) -> dict[str, int]:
-    """This rank's loader counters for the metrics row: samples skipped as unreadable and, with
-    data.caption_augment, samples that kept their own caption for want of scene metadata (loaders without the
-    counters report 0)."""
+    """The loaders' counters for the metrics row, summed over the ranks (rank 0 writes the row, and another rank's
+    shards may hold the bad samples): samples skipped as unreadable and, with data.caption_augment, samples that kept
+    their own caption for want of scene metadata (loaders without the counters report 0). Collective."""
     row = {"data_skipped": getattr(data, "skipped", 0)}
     if cfg.data.caption_augment > 0:
         row["captions_without_scene"] = getattr(data, "no_scene", 0)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        t = torch.tensor(list(row.values()), dtype=torch.int64)  # on the CPU: through gloo beside nccl
+        dist.all_reduce(t)
+        row = dict(zip(row, t.tolist()))
     return row
 
 

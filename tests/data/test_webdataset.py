@@ -323,3 +323,20 @@ def test_one_rank_without_data_stops_every_rank_at_once(tmp_path):
     assert [e for e in errors if e.startswith("fluxtrain: error: ")] == [
         "fluxtrain: error: rank 1 worker 0: no usable sample in epoch 0 of shard(s) shard-000000.tar"], errors
     assert not any("Traceback" in e or "[rank0]" in e for e in errors), errors
+
+
+def test_the_metrics_count_every_ranks_skipped_samples(tmp_path):
+    # data_skipped was rank 0's count alone: a bad sample in another rank's shard never showed in metrics.jsonl
+    from tests.helpers import FAST, fluxtrain, metrics
+
+    d = tmp_path / "d"
+    d.mkdir()
+    for s, n_bad in enumerate((3, 2)):  # each rank reads one shard, its bad samples first
+        bad = [{"__key__": f"s{s}-bad{i}", "png": b"\x89PNG not really", "txt": b"a red circle"} for i in range(n_bad)]
+        write_shard(d / f"shard-{s:06d}.tar", bad + [good(f"s{s}-{i}", 64, 64, seed=i) for i in range(8)])
+    res = fluxtrain(["train", "--config", "configs/tiny.toml", "--nproc-per-node", "2", *FAST, "--train.steps", "3",
+                     "--data.source", "webdataset", "--data.path", str(d / "*.tar"), "--data.shuffle_buffer", "0",
+                     "--train.output_dir", str(tmp_path / "run")], timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [r for r in metrics(tmp_path / "run") if "data_skipped" in r]
+    assert rows[-1]["data_skipped"] == 5, rows
