@@ -146,7 +146,7 @@ def _write_unit(cfg, enc, device, unit, path: Path, meta: dict, batch_size: int)
         tensors = {}
     source = _source(cfg, unit)
     md = {**meta, "count": str(len(keys)), "captions": json.dumps(captions), "keys": json.dumps(keys),
-          "skipped": json.dumps(skipped), "source": source}
+          "skipped": json.dumps(skipped), "source": source, "source_stamp": _stamp(source)}
     _save_atomic(tensors, path, md)
     return len(keys)
 
@@ -170,6 +170,16 @@ def _source(cfg: C.Config, unit) -> str:
     return unit
 
 
+def _stamp(source: str) -> str:
+    """A local input shard's size and modification time: a shard rewritten under the same name (a copy completed,
+    a set regenerated) makes its cache shard stale. Empty for URLs and the synthetic source."""
+    try:
+        st = os.stat(source)
+    except (OSError, ValueError):
+        return ""
+    return f"{st.st_size} bytes, mtime {st.st_mtime_ns}"
+
+
 def _check_existing(path: Path, meta: dict, source: str) -> bool:
     """A shard already made (a rerun resumes) must be of this cache: same encoders, resolution, text length and
     input; a shard left by a run with another data.path was reused before, and the cache silently lacked its data."""
@@ -185,6 +195,10 @@ def _check_existing(path: Path, meta: dict, source: str) -> bool:
         if md.get(k) != now:
             raise ConfigError(f"{path} was made with {k} = {md.get(k)} (now {now}): use a new --out for a new "
                               f"cache, or delete the old shards")
+    if "source_stamp" in md and md["source_stamp"] != _stamp(source):  # (older caches have no stamp)
+        log.warning(f"cache: {source} changed since {path.name} was made from it ({md['source_stamp']}; now "
+                    f"{_stamp(source) or 'unreadable'}): caching it again")
+        return False
     return True
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import glob as globlib
-import io
 import json
 import os
 import tarfile
@@ -40,6 +39,8 @@ from typing import Iterator
 
 import numpy as np
 from PIL import Image
+
+from fluxtrain.data.images import decode_rgb
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp")
 CAPTION_EXTS = ("txt", "caption")
@@ -108,9 +109,7 @@ def image_of(sample: dict) -> tuple[str | None, Image.Image | None]:
     if ext is None:
         return None, None
     try:
-        with Image.open(io.BytesIO(sample[ext])) as im:
-            im.load()
-            return ext, im.convert("RGB")
+        return ext, decode_rgb(sample[ext])
     except Exception:  # noqa: BLE001 - PIL raises many types for bad data (OSError, SyntaxError, ValueError, ...)
         return ext, None
 

@@ -54,12 +54,12 @@ import braceexpand
 import numpy as np
 import torch
 from PIL import Image
-from webdataset.autodecode import imagehandler
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext, tar_file_iterator
 
 from fluxtrain.config import Config, ConfigError
 from fluxtrain.data.augment import augment_caption
+from fluxtrain.data.images import decode_rgb
 from fluxtrain.data.loader import u8_to_pixels
 
 log = logging.getLogger("fluxtrain")
@@ -70,7 +70,6 @@ EPOCH_SHIFT, SHARD_SHIFT = 47, 24  # sample id = epoch << 47 | shard << 24 | sam
 SKIP_WINDOW = 200
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]+):")
 _LIST_SCHEMES = ("file", "http", "https")
-_decode_image = imagehandler("pilrgb", extensions=list(IMAGE_EXTS))
 
 
 class DataError(RuntimeError):
@@ -256,7 +255,7 @@ def decode_sample(raw: dict, buckets: list[tuple[int, int]]):
     if img_ext is None:
         return ("bad", "no_image", "no image field")
     try:
-        img = _decode_image(img_ext, raw[img_ext])
+        img = decode_rgb(raw[img_ext])
     except Exception as exn:  # noqa: BLE001 - PIL raises many kinds
         return ("bad", "decode_error", f"{type(exn).__name__}: {exn}"[:200])
     b = choose_bucket(img.height, img.width, buckets)

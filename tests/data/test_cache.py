@@ -209,3 +209,21 @@ def test_synthetic_source_on_two_ranks_matches_one(tmp_path, encoders):
             for k in a.keys():  # other thread counts: fp32 sums in another order, so bf16 tolerance
                 torch.testing.assert_close(a.get_tensor(k).float(), b.get_tensor(k).float(), rtol=1.6e-2, atol=1e-2)
             assert a.metadata()["captions"] == b.metadata()["captions"]
+
+
+def test_an_input_shard_rewritten_since_is_cached_again(source, encoders, tmp_path):
+    # the rerun kept the cache shard of the input shard's earlier contents (a copy completed since: samples missing)
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(source, src)
+    out = tmp_path / "c"
+    assert main(["--out", str(out), *overrides(src, encoders)]) == 0
+    assert json.loads((out / "manifest.json").read_text())["count"] == 15
+    shard = src / "shard-000000.tar"
+    write_shard(shard, [good(f"s0-{i}", seed=i) for i in range(7)])  # 7 samples where there were 5
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*")}
+    assert main(["--out", str(out), *overrides(src, encoders)]) == 0
+    after = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*")}
+    assert json.loads((out / "manifest.json").read_text())["count"] == 17
+    assert [n for n in after if after[n] != before[n]] == ["shard-000000.safetensors"]
