@@ -102,10 +102,10 @@ def _strip_nproc(argv: list[str]) -> list[str]:
         if skip:
             skip = False
             continue
-        if a in ("--nproc-per-node", "--nproc_per_node"):
+        if a in ("--nproc-per-node", "--nproc_per_node", "--parallel.nproc_per_node"):  # and its value
             skip = True
             continue
-        if a.startswith(("--nproc-per-node=", "--nproc_per_node=", "--parallel.nproc_per_node")):
+        if a.startswith(("--nproc-per-node=", "--nproc_per_node=", "--parallel.nproc_per_node=")):
             continue
         out.append(a)
     return out

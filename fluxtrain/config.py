@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import os
 import sys
 from dataclasses import asdict, field, fields
@@ -327,15 +328,27 @@ def parse_overrides(argv: list[str]) -> dict[str, dict[str, Any]]:
             if "." not in dotted:
                 known = [a for a in ALIASES] + [f"--{s}.KEY" for s in SECTIONS]
                 raise ConfigError(f"unknown option '{name}'{_suggest(name, known)}: overrides look like --section.key value")
+            kind = _field_type(dotted)
             if eq:
                 value, i = inline, i + 1
             elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
                 value, i = argv[i + 1], i + 2
-            else:
-                value, i = "true", i + 1  # a bare flag sets a boolean
+            elif kind in ("bool", None):  # a bare flag sets a boolean (an unknown key is named further on)
+                value, i = "true", i + 1
+            else:  # `--optim.lr --train.steps 2` set the lr to 1.0 (true, as a number)
+                raise ConfigError(f"{name} needs a value: {name} <{kind}>")
+            if kind in ("str", "str | None"):  # a name stays a name: 2024-06-01 was read as a TOML date
+                out.setdefault(dotted.partition(".")[0], {})[dotted.partition(".")[2]] = value
+                continue
         sec, _, key = dotted.partition(".")
         out.setdefault(sec, {})[key] = _parse_value(value) if isinstance(value, str) else value
     return out
+
+
+def _field_type(dotted: str) -> str | None:
+    """A key's annotation as written ("int", "str | None", …); None for an unknown key."""
+    sec, _, key = dotted.partition(".")
+    return next((str(f.type) for f in fields(SECTIONS[sec]) if f.name == key), None) if sec in SECTIONS else None
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -419,6 +432,28 @@ def validate(cfg: Config) -> None:
     for k, v in positive.items():
         if v < 1:
             raise ConfigError(f"{k} must be ≥ 1 (got {v})")
+    # each was accepted: NaN or inf trained NaN steps (and saved them), a negative clip or ITC weight turned it off
+    o = cfg.optim
+    at_least_0 = {"optim.grad_clip": o.grad_clip, "optim.weight_decay": o.weight_decay,
+                  "optim.warmup_steps": o.warmup_steps, "train.itc_weight": t.itc_weight,
+                  "train.logit_std": t.logit_std, "checkpoint.keep": cfg.checkpoint.keep,
+                  "checkpoint.keep_every": cfg.checkpoint.keep_every, "eval.interval": cfg.eval.interval,
+                  "data.shuffle_buffer": d.shuffle_buffer, "model.guidance": cfg.model.guidance}
+    for k, v in at_least_0.items():
+        if not (v >= 0 and math.isfinite(v)):  # NaN fails both
+            raise ConfigError(f"{k} must be a finite number ≥ 0 (got {v})")
+    if not 0.0 <= o.min_lr_ratio <= 1.0:
+        raise ConfigError(f"optim.min_lr_ratio must be in [0, 1] (got {o.min_lr_ratio})")
+    if not (all(0.0 <= b < 1.0 for b in o.betas) and o.eps > 0):
+        raise ConfigError(f"optim.betas must be in [0, 1) and optim.eps > 0 (got {list(o.betas)}, {o.eps})")
+    if not 0.0 <= cfg.lora.dropout < 1.0:
+        raise ConfigError(f"lora.dropout must be in [0, 1) (got {cfg.lora.dropout})")
+    if p.nccl_timeout_s < 1:
+        raise ConfigError(f"parallel.nccl_timeout_s must be ≥ 1 (got {p.nccl_timeout_s})")
+    if not t.output_dir.strip():  # "" wrote the run into the working folder
+        raise ConfigError("train.output_dir is empty: give the run's folder")
+    if not cfg.eval.prompts or not all(q.strip() for q in cfg.eval.prompts):  # [] failed after the last step
+        raise ConfigError(f"eval.prompts needs at least one prompt and no empty one (got {cfg.eval.prompts})")
     if d.num_workers < 0:
         raise ConfigError(f"data.num_workers must be ≥ 0 (0 = load in the training process), got {d.num_workers}")
     if p.cpu_threads < 0:

@@ -169,3 +169,11 @@ def test_an_existing_output_that_cannot_be_written_is_refused_before_any_work(ca
     _one_line(capsys, _rc(["sample", "--model", "m", "--prompt", "a red circle", "--out", str(ro)]),
               f"--out: no permission to write {ro}")
     _one_line(capsys, _rc(["export", "--checkpoint", "c", "--out", str(ro / "x")]), f"no permission to write in {ro}")
+
+
+def test_the_ranks_get_the_command_line_without_the_process_count():
+    # `--parallel.nproc_per_node 2` left its 2 behind: "unexpected argument '2'" from every rank
+    for given in (["--parallel.nproc_per_node", "2"], ["--parallel.nproc_per_node=2"], ["--nproc-per-node", "2"],
+                  ["--nproc_per_node=2"]):
+        assert cli._strip_nproc(["--config", "c.toml", *given, "--train.steps", "3"]) == [
+            "--config", "c.toml", "--train.steps", "3"], given

@@ -38,6 +38,23 @@ def test_guide_aliases():
     (["--eval.num_inference_steps", "0"], "eval.num_inference_steps must be ≥ 1"),
     (["--data.num_workers", "-1"], "data.num_workers must be ≥ 0"),
     (["--checkpoint.resume", "/nonexistent/step-1"], "checkpoint.resume '/nonexistent/step-1' does not exist"),
+    # the third audit: each trained, silently wrong (NaN steps saved, clipping or ITC off, the run in the working
+    # folder), or failed after the model was built or after the last step
+    (["--optim.lr", "--train.steps", "2"], "--optim.lr needs a value: --optim.lr <float>"),  # was lr 1.0
+    (["--train.steps"], "--train.steps needs a value"),
+    (["--train.logit_std", "nan"], "train.logit_std must be a finite number ≥ 0"),
+    (["--optim.grad_clip", "-1"], "optim.grad_clip must be a finite number ≥ 0"),
+    (["--train.itc_weight", "nan"], "train.itc_weight must be a finite number ≥ 0"),
+    (["--checkpoint.keep", "-1"], "checkpoint.keep must be"),
+    (["--model.guidance", "inf"], "model.guidance must be a finite number"),
+    (["--optim.min_lr_ratio", "2"], "optim.min_lr_ratio must be in [0, 1]"),
+    (["--optim.betas", "[1.5, 0.9]"], "optim.betas must be in [0, 1)"),
+    (["--optim.eps", "-1"], "optim.eps > 0"),
+    (["--lora.dropout", "2"], "lora.dropout must be in [0, 1)"),
+    (["--parallel.nccl_timeout_s", "0"], "parallel.nccl_timeout_s must be ≥ 1"),
+    (["--train.output_dir", ""], "train.output_dir is empty"),
+    (["--eval.prompts", "[]"], "eval.prompts needs at least one prompt"),
+    (["--eval.prompts", '["a red circle", " "]'], "eval.prompts needs at least one prompt and no empty one"),
 ])
 def test_errors_are_one_line(argv, needle):
     with pytest.raises(C.ConfigError) as e:
@@ -113,3 +130,10 @@ def test_an_output_dir_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "f").write_text("")
     with pytest.raises(C.ConfigError, match="is a file, not a folder"):
         C.load(None, ["--train.output_dir", str(tmp_path / "f")])
+
+
+def test_a_name_on_the_command_line_stays_a_string(tmp_path, monkeypatch):
+    # 2024-06-01 was read as a TOML date, 2024 as a number: "Input should be a valid string"
+    monkeypatch.chdir(tmp_path)
+    cfg = C.load(None, ["--train.output_dir", "2024-06-01", "--log.wandb_project", "2024", "--train.compile"])
+    assert (cfg.train.output_dir, cfg.log.wandb_project, cfg.train.compile) == ("2024-06-01", "2024", True)

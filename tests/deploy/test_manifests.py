@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -100,6 +101,16 @@ def test_pytorchjob():
     assert args[0] == "torchrun" and "--nproc-per-node=8" in args
     i = args.index("-m")
     assert args[i + 1: i + 5] == ["fluxtrain", "train", "--config", "configs/flux-dev.toml"]
+    _check_train_overrides(args[i + 5:])
+
+
+def _check_train_overrides(argv: list[str]) -> None:
+    """The template's overrides are valid ones, and data.path names shards: a folder was refused by every rank."""
+    from fluxtrain import config as C
+
+    over = C.parse_overrides(argv)
+    path = over.get("data", {}).get("path", "")
+    assert path.endswith(".tar") and ("*" in path or "{" in path), path
 
 
 def test_indexed_job_and_headless_service():
@@ -120,6 +131,8 @@ def test_indexed_job_and_headless_service():
     assert f"--rdzv-endpoint={name}-0.{svc['metadata']['name']}:" in script
     assert "--rdzv-backend=c10d" in script and "--max-restarts=" in script
     assert "-m fluxtrain train --config" in script
+    train = shlex.split(script.split("-m fluxtrain train --config configs/flux-dev.toml", 1)[1].replace("\\\n", " "))
+    _check_train_overrides(train)
     env = {e["name"]: e.get("value") for e in c["env"]}
     assert int(env["NNODES"]) == spec["completions"]
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
