@@ -1,6 +1,7 @@
 """Launch paths: the guide's flags, `accelerate launch` with the shipped FSDP config, Slurm variables without
 torchrun, and two torchrun "nodes" on localhost with c10d rendezvous and HYBRID_SHARD."""
 
+import re
 import subprocess
 import sys
 
@@ -34,7 +35,7 @@ def test_slurm_variables_without_torchrun(tmp_path, reference):
     procs = []
     for rank in range(2):
         e = env(SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_LOCALID=str(rank), SLURM_NTASKS_PER_NODE="2",
-                SLURM_JOB_ID="4242", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                SLURM_JOB_ID="4242", SLURM_STEP_ID="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # as srun
         procs.append(subprocess.Popen([sys.executable, *RUN, "--train.output_dir", str(tmp_path)], cwd=ROOT, env=e,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outs = [p.communicate(timeout=600) for p in procs]
@@ -76,3 +77,29 @@ def test_accelerate_launch_with_the_shipped_fsdp_config(tmp_path, reference):
     assert resolved["parallel"]["strategy"] == "FULL_SHARD"
     got, ref = losses(tmp_path), losses(reference)
     assert all(abs(got[s] - ref[s]) <= EXACT * ref[s] for s in ref)
+
+
+@pytest.mark.parametrize("variables, said", [
+    # each hung in silence: the ranks waited for peers that were never started, or looked the address up forever
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "localhost"}, "not started by srun"),
+    ({"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29611"}, "rank 2, local rank 2 of "
+                                                                                         "world 2"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "no-such-host.invalid", "MASTER_PORT": "29555"},
+     "MASTER_ADDR = 'no-such-host.invalid' does not resolve"),
+    # tracebacks, or a lone rank 0
+    ({"RANK": "abc", "WORLD_SIZE": "1"}, "RANK = 'abc' is not a whole number"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "abc"}, "MASTER_PORT = 'abc'"),
+    ({"RANK": "0", "WORLD_SIZE": "2"}, "MASTER_ADDR is not set"),
+    ({"RANK": "1"}, "RANK and WORLD_SIZE go together"),
+])
+def test_a_launch_environment_that_cannot_work_is_one_line(monkeypatch, variables, said):
+    from fluxtrain.config import ConfigError
+    from fluxtrain.parallel.mesh import launch_env
+
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID",
+              "SLURM_NTASKS", "SLURM_STEP_ID", "SLURM_STEPID", "TORCHELASTIC_USE_AGENT_STORE"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in variables.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ConfigError, match=re.escape(said)):
+        launch_env()

@@ -46,13 +46,18 @@ def launch_env() -> dict[str, int]:
     Sets MASTER_ADDR/MASTER_PORT where Slurm or a single process needs them."""
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
-        rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
-        local = int(env.get("LOCAL_RANK", rank))
-        local_world = int(env.get("LOCAL_WORLD_SIZE", world))
+        rank, world = _int_var("RANK"), _int_var("WORLD_SIZE")
+        local = _int_var("LOCAL_RANK", rank)
+        local_world = _int_var("LOCAL_WORLD_SIZE", world)
+    elif "RANK" in env or "WORLD_SIZE" in env:  # RANK=1 alone trained as a lone rank 0
+        raise ConfigError("RANK and WORLD_SIZE go together (one is set): launch with torchrun, or unset it")
     elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
-        local = int(env.get("SLURM_LOCALID", 0))
-        local_world = int(env.get("SLURM_NTASKS_PER_NODE", str(world)).split("(")[0])
+        rank, world = _int_var("SLURM_PROCID"), _int_var("SLURM_NTASKS")
+        local = _int_var("SLURM_LOCALID", 0)
+        local_world = int(env.get("SLURM_NTASKS_PER_NODE", str(world)).split("(")[0].split(",")[0] or world)
+        if world > 1 and "SLURM_STEP_ID" not in env and "SLURM_STEPID" not in env:  # salloc or sbatch, not srun
+            raise ConfigError(f"SLURM_NTASKS = {world} but this process was not started by srun (it would wait for "
+                              "its peers forever): run it under srun, or under torchrun")
         if "MASTER_ADDR" not in env:
             nodes = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
             if world > 1 and not nodes:
@@ -63,7 +68,38 @@ def launch_env() -> dict[str, int]:
         rank, world, local, local_world = 0, 1, 0, 1
         env.setdefault("MASTER_ADDR", "127.0.0.1")
         env.setdefault("MASTER_PORT", str(_free_port()))
+    if not (world >= 1 and 0 <= rank < world and 0 <= local < max(local_world, 1)):
+        raise ConfigError(f"launch environment: rank {rank}, local rank {local} of world {world} (local {local_world}) "
+                          "cannot be: check RANK, WORLD_SIZE and LOCAL_RANK (or the Slurm task variables)")
+    if world > 1:
+        _check_master()
     return dict(rank=rank, world_size=world, local_rank=local, local_world_size=local_world)
+
+
+def _int_var(name: str, default: int | None = None) -> int:
+    text = os.environ.get(name)
+    if text is None and default is not None:
+        return default
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} = '{text}' is not a whole number: fix the launch environment") from None
+
+
+def _check_master() -> None:
+    """Where the ranks meet: an unresolvable MASTER_ADDR retried its lookup forever, in silence."""
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT", "")
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true":
+        return  # torchrun's agent holds the store and has already met its peers
+    if not addr:
+        raise ConfigError("MASTER_ADDR is not set: launch with torchrun, or export MASTER_ADDR and MASTER_PORT")
+    if not (port.isdigit() and 0 < int(port) < 65536):
+        raise ConfigError(f"MASTER_PORT = '{port}' is not a port number (1–65535)")
+    try:
+        socket.getaddrinfo(addr, int(port))
+    except OSError as err:
+        raise ConfigError(f"MASTER_ADDR = '{addr}' does not resolve ({err.strerror or err}): give the first node's "
+                          "host name or address") from None
 
 
 def _first_slurm_host(nodelist: str) -> str:
