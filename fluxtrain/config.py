@@ -337,11 +337,10 @@ def parse_overrides(argv: list[str]) -> dict[str, dict[str, Any]]:
                 value, i = "true", i + 1
             else:  # `--optim.lr --train.steps 2` set the lr to 1.0 (true, as a number)
                 raise ConfigError(f"{name} needs a value: {name} <{kind}>")
-            if kind in ("str", "str | None"):  # a name stays a name: 2024-06-01 was read as a TOML date
-                out.setdefault(dotted.partition(".")[0], {})[dotted.partition(".")[2]] = value
-                continue
         sec, _, key = dotted.partition(".")
-        out.setdefault(sec, {})[key] = _parse_value(value) if isinstance(value, str) else value
+        # a name stays a name (an alias's too): 2024-06-01 was read as a TOML date
+        literal = isinstance(value, str) and _field_type(dotted) not in ("str", "str | None")
+        out.setdefault(sec, {})[key] = _parse_value(value) if literal else value
     return out
 
 
